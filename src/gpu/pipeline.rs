@@ -1,0 +1,104 @@
+//! Compute pipelines, created once per (shader, entry point, override constants).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{shaders, Gpu};
+use crate::{Error, Result};
+
+/// Identifies one specialisation of a kernel: the shader file, its entry point and the values
+/// of its `override` constants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    /// Shader file stem under `shaders/`.
+    pub shader: &'static str,
+    /// Entry point in that shader.
+    pub entry: &'static str,
+    /// Override constants, as (name, value) pairs. Values are stored as f64 bit patterns.
+    constants: Vec<(&'static str, u64)>,
+}
+
+impl KernelKey {
+    /// A kernel with no override constants.
+    pub fn new(shader: &'static str, entry: &'static str) -> Self {
+        KernelKey {
+            shader,
+            entry,
+            constants: Vec::new(),
+        }
+    }
+
+    /// Set an `override` constant (booleans as 0/1).
+    pub fn with(mut self, name: &'static str, value: impl Into<f64>) -> Self {
+        self.constants.retain(|(n, _)| *n != name);
+        self.constants.push((name, value.into().to_bits()));
+        self.constants.sort_by_key(|(n, _)| *n);
+        self
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl Gpu {
+    /// The pipeline for `key`, compiled on first use.
+    pub fn pipeline(&self, key: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        let cache = &self.pipelines;
+        if let Some(p) = cache.pipelines.lock().expect("pipeline cache").get(key) {
+            return Ok(p.clone());
+        }
+        let module = {
+            let mut modules = cache.modules.lock().expect("shader cache");
+            match modules.get(key.shader) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = shaders::source(key.shader)
+                        .ok_or_else(|| Error::kernel(key.shader, "no such shader"))?;
+                    let m = self
+                        .device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(key.shader),
+                            source: wgpu::ShaderSource::Wgsl(src.into()),
+                        });
+                    modules.insert(key.shader, m.clone());
+                    m
+                }
+            }
+        };
+        let constants: Vec<(&str, f64)> = key
+            .constants
+            .iter()
+            .map(|(n, v)| (*n, f64::from_bits(*v)))
+            .collect();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::kernel(
+                format!("{}::{}", key.shader, key.entry),
+                format!("pipeline creation failed: {err}"),
+            ));
+        }
+        let pipeline = Arc::new(pipeline);
+        cache
+            .pipelines
+            .lock()
+            .expect("pipeline cache")
+            .insert(key.clone(), pipeline.clone());
+        Ok(pipeline)
+    }
+}

@@ -1,0 +1,236 @@
+//! Recording kernel dispatches. A [`Recorder`] collects dispatches (kernel, uniform parameters,
+//! storage buffers, workgroup counts); [`Recorder::finish`] packs all parameters into one
+//! uniform buffer, creates the bind groups once and returns a [`Plan`] that encodes every
+//! dispatch into a single compute pass of one command encoder. A plan can be run again with
+//! new parameters (the decode loop does this) without creating any GPU object.
+
+use std::sync::Arc;
+
+use super::{Gpu, KernelKey};
+use crate::{Error, Result};
+
+struct PendingOp {
+    key: KernelKey,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    buffers: Vec<wgpu::Buffer>,
+    param_offset: usize,
+    param_size: usize,
+    workgroups: [u32; 3],
+}
+
+/// Collects kernel dispatches in order. Binding 0 of every kernel is its uniform parameter
+/// struct; bindings 1.. are the storage buffers in the order given.
+pub struct Recorder<'g> {
+    gpu: &'g Gpu,
+    ops: Vec<PendingOp>,
+    params: Vec<u8>,
+    align: usize,
+}
+
+impl<'g> Recorder<'g> {
+    /// Start an empty recording.
+    pub fn new(gpu: &'g Gpu) -> Self {
+        Recorder {
+            gpu,
+            ops: Vec::new(),
+            params: Vec::new(),
+            align: gpu.limits().min_uniform_buffer_offset_alignment as usize,
+        }
+    }
+
+    /// The device this recorder records for.
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    /// Number of dispatches recorded so far.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether nothing has been recorded.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Record one dispatch of `key` with `params` (a `#[repr(C)]` Pod struct matching the
+    /// shader's uniform) and `buffers` bound at bindings 1, 2, …. Returns the op's index.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        key: &KernelKey,
+        params: &P,
+        buffers: &[&wgpu::Buffer],
+        workgroups: [u32; 3],
+    ) -> Result<usize> {
+        let max = self.gpu.limits().max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) || workgroups.contains(&0) {
+            return Err(Error::kernel(
+                format!("{}::{}", key.shader, key.entry),
+                format!("workgroup counts {workgroups:?} outside 1..={max}"),
+            ));
+        }
+        let pipeline = self.gpu.pipeline(key)?;
+        let param_offset = self.params.len().div_ceil(self.align) * self.align;
+        let bytes = bytemuck::bytes_of(params);
+        self.params.resize(param_offset, 0);
+        self.params.extend_from_slice(bytes);
+        self.ops.push(PendingOp {
+            key: key.clone(),
+            pipeline,
+            buffers: buffers.iter().map(|b| (*b).clone()).collect(),
+            param_offset,
+            param_size: bytes.len(),
+            workgroups,
+        });
+        Ok(self.ops.len() - 1)
+    }
+
+    /// Split `count` workgroups over x and y so neither exceeds the device limit. Kernels
+    /// recover the linear index as `wid.x + wid.y * nwg.x` and skip indices `>= count`.
+    pub fn grid(&self, count: u32) -> [u32; 3] {
+        let max = self.gpu.limits().max_compute_workgroups_per_dimension;
+        if count <= max {
+            [count.max(1), 1, 1]
+        } else {
+            let y = count.div_ceil(max);
+            [count.div_ceil(y), y, 1]
+        }
+    }
+
+    /// Create the parameter buffer and bind groups: the recording becomes a reusable plan.
+    pub fn finish(self) -> Result<Plan> {
+        let gpu = self.gpu;
+        let size = self.params.len().max(16).div_ceil(16) * 16;
+        let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: size as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut host = self.params;
+        host.resize(size, 0);
+        gpu.queue.write_buffer(&params, 0, &host);
+        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut ops = Vec::with_capacity(self.ops.len());
+        for op in self.ops {
+            let layout = op.pipeline.get_bind_group_layout(0);
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &params,
+                    offset: op.param_offset as u64,
+                    size: wgpu::BufferSize::new(op.param_size as u64),
+                }),
+            }];
+            for (i, b) in op.buffers.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: b.as_entire_binding(),
+                });
+            }
+            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(op.key.entry),
+                layout: &layout,
+                entries: &entries,
+            });
+            ops.push(PlannedOp {
+                key: op.key,
+                pipeline: op.pipeline,
+                bind_group,
+                param_offset: op.param_offset,
+                param_size: op.param_size,
+                workgroups: op.workgroups,
+            });
+        }
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("creating bind groups: {err}")));
+        }
+        Ok(Plan {
+            params,
+            host,
+            ops,
+        })
+    }
+
+    /// Finish, submit and wait for completion.
+    pub fn run(self) -> Result<()> {
+        let gpu = self.gpu;
+        self.finish()?.run(gpu)
+    }
+}
+
+struct PlannedOp {
+    key: KernelKey,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    param_offset: usize,
+    param_size: usize,
+    workgroups: [u32; 3],
+}
+
+/// A recorded sequence of dispatches with its bind groups, ready to run any number of times.
+pub struct Plan {
+    params: wgpu::Buffer,
+    host: Vec<u8>,
+    ops: Vec<PlannedOp>,
+}
+
+impl Plan {
+    /// Number of dispatches.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the plan has no dispatches.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Replace the parameters of op `index` (same struct type as recorded). Takes effect at
+    /// the next [`Plan::run`].
+    pub fn set_params<P: bytemuck::Pod>(&mut self, index: usize, params: &P) -> Result<()> {
+        let op = &self.ops[index];
+        let bytes = bytemuck::bytes_of(params);
+        if bytes.len() != op.param_size {
+            return Err(Error::kernel(
+                op.key.entry,
+                format!("parameter size {} != recorded {}", bytes.len(), op.param_size),
+            ));
+        }
+        self.host[op.param_offset..op.param_offset + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Change the workgroup counts of op `index`.
+    pub fn set_workgroups(&mut self, index: usize, workgroups: [u32; 3]) {
+        self.ops[index].workgroups = workgroups;
+    }
+
+    /// Upload the parameters and encode every dispatch into one compute pass; submit without
+    /// waiting.
+    pub fn submit(&self, gpu: &Gpu) -> wgpu::SubmissionIndex {
+        gpu.queue.write_buffer(&self.params, 0, &self.host);
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("plan") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("plan"),
+                timestamp_writes: None,
+            });
+            for op in &self.ops {
+                pass.set_pipeline(&op.pipeline);
+                pass.set_bind_group(0, &op.bind_group, &[]);
+                let [x, y, z] = op.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        gpu.queue.submit([encoder.finish()])
+    }
+
+    /// Submit and wait for completion.
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        self.submit(gpu);
+        gpu.wait()
+    }
+}

@@ -1,0 +1,263 @@
+//! Tensors on the GPU. Activations are f32 in one buffer; weights are f16 matrices whose rows
+//! are padded to [`WEIGHT_ROW_ALIGN`] values and split into chunks of whole rows, each chunk its
+//! own buffer no larger than [`Gpu::weight_chunk_bytes`], so that a tensor of any size can be
+//! bound (the 1 GB Gemma embedding table on a 128 MiB binding limit, or a small model under a
+//! forced 64 KiB limit in tests).
+
+use half::f16;
+
+use super::Gpu;
+use crate::{Error, Result};
+
+/// f16 weight rows are padded to a multiple of this many values (16 bytes), so kernels can
+/// read them with `vec4<u32>` loads.
+pub const WEIGHT_ROW_ALIGN: usize = 8;
+
+/// Element type of a tensor's storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// 32-bit float: activations, norms, biases, logits.
+    F32,
+    /// 16-bit float packed two per `u32`: weight matrices.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+/// A contiguous range of rows stored in one buffer.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The buffer holding rows `row_start..row_start + rows`.
+    pub buffer: wgpu::Buffer,
+    /// First row held.
+    pub row_start: usize,
+    /// Number of rows held.
+    pub rows: usize,
+}
+
+/// A tensor on the GPU. Its rows are all dimensions but the last; its storage may be split
+/// into several [`Chunk`]s of whole rows.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    name: String,
+    shape: Vec<usize>,
+    dtype: DType,
+    row_stride: usize,
+    chunks: Vec<Chunk>,
+}
+
+const ACTIVATION_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+fn rows_cols(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    if shape.is_empty() || shape.contains(&0) {
+        return Err(Error::tensor(name, format!("shape {shape:?} is empty")));
+    }
+    let cols = *shape.last().expect("non-empty");
+    Ok((shape.iter().product::<usize>() / cols, cols))
+}
+
+impl Tensor {
+    /// A zero-filled f32 activation tensor.
+    pub fn zeros(gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Self> {
+        let (rows, cols) = rows_cols(name, shape)?;
+        let bytes = (rows * cols * 4) as u64;
+        if bytes > gpu.max_binding_bytes() {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "activation of {bytes} bytes exceeds the device's binding limit of {} bytes",
+                    gpu.max_binding_bytes()
+                ),
+            ));
+        }
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(name),
+            size: bytes,
+            usage: ACTIVATION_USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Tensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+            row_stride: cols,
+            chunks: vec![Chunk {
+                buffer,
+                row_start: 0,
+                rows,
+            }],
+        })
+    }
+
+    /// An f32 tensor holding `data` (activations, norm weights, biases).
+    pub fn from_f32(gpu: &Gpu, name: &str, shape: &[usize], data: &[f32]) -> Result<Self> {
+        let t = Self::zeros(gpu, name, shape)?;
+        if data.len() != t.numel() {
+            return Err(Error::tensor(
+                name,
+                format!("shape {shape:?} needs {} values, got {}", t.numel(), data.len()),
+            ));
+        }
+        gpu.queue
+            .write_buffer(&t.chunks[0].buffer, 0, bytemuck::cast_slice(data));
+        Ok(t)
+    }
+
+    /// An f16 weight matrix of `shape` (rows = all but the last dimension), filled row by row
+    /// by `fill(row, dst)` where `dst` has `cols` values. Rows are padded with zeros to
+    /// [`WEIGHT_ROW_ALIGN`] and split into chunks of at most [`Gpu::weight_chunk_bytes`].
+    pub fn weight_f16(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        mut fill: impl FnMut(usize, &mut [f16]) -> Result<()>,
+    ) -> Result<Self> {
+        let (rows, cols) = rows_cols(name, shape)?;
+        let stride = cols.div_ceil(WEIGHT_ROW_ALIGN) * WEIGHT_ROW_ALIGN;
+        let row_bytes = (stride * 2) as u64;
+        let rows_per_chunk = (gpu.weight_chunk_bytes() / row_bytes) as usize;
+        if rows_per_chunk == 0 {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "one row of {row_bytes} bytes exceeds the binding limit of {} bytes",
+                    gpu.weight_chunk_bytes()
+                ),
+            ));
+        }
+        let mut chunks = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
+        // One chunk at a time is converted on the host, so peak host memory is one chunk.
+        let mut host: Vec<f16> = Vec::new();
+        let mut row_start = 0;
+        while row_start < rows {
+            let n = rows_per_chunk.min(rows - row_start);
+            let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(name),
+                size: n as u64 * row_bytes,
+                usage: ACTIVATION_USAGE,
+                mapped_at_creation: true,
+            });
+            host.clear();
+            host.resize(n * stride, f16::ZERO);
+            for r in 0..n {
+                fill(row_start + r, &mut host[r * stride..r * stride + cols])?;
+            }
+            buffer
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Gpu(format!("mapping weight {name}: {e}")))?
+                .copy_from_slice(bytemuck::cast_slice(&host));
+            buffer.unmap();
+            chunks.push(Chunk {
+                buffer,
+                row_start,
+                rows: n,
+            });
+            row_start += n;
+        }
+        Ok(Tensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype: DType::F16,
+            row_stride: stride,
+            chunks,
+        })
+    }
+
+    /// An f16 weight matrix from f32 values in row-major order (tests and synthetic models).
+    pub fn weight_from_f32(gpu: &Gpu, name: &str, shape: &[usize], data: &[f32]) -> Result<Self> {
+        let (rows, cols) = rows_cols(name, shape)?;
+        if data.len() != rows * cols {
+            return Err(Error::tensor(
+                name,
+                format!("shape {shape:?} needs {} values, got {}", rows * cols, data.len()),
+            ));
+        }
+        Self::weight_f16(gpu, name, shape, |r, dst| {
+            for (d, s) in dst.iter_mut().zip(&data[r * cols..(r + 1) * cols]) {
+                *d = f16::from_f32(*s);
+            }
+            Ok(())
+        })
+    }
+
+    /// The tensor's name (its checkpoint name for weights).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The logical shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The storage type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The last dimension.
+    pub fn cols(&self) -> usize {
+        *self.shape.last().expect("tensors have at least one dimension")
+    }
+
+    /// The product of all dimensions but the last.
+    pub fn rows(&self) -> usize {
+        self.numel() / self.cols()
+    }
+
+    /// Elements between the starts of consecutive rows in storage.
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    /// The chunks of rows, in order.
+    pub fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+
+    /// The single buffer of an unsplit tensor.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        debug_assert_eq!(self.chunks.len(), 1, "{} is split", self.name);
+        &self.chunks[0].buffer
+    }
+
+    /// Read the tensor back as f32 values in row-major order (padding removed).
+    pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let cols = self.cols();
+        let mut out = Vec::with_capacity(self.numel());
+        for chunk in &self.chunks {
+            let bytes = (chunk.rows * self.row_stride * self.dtype.size()) as u64;
+            let raw = gpu.read_bytes(&chunk.buffer, 0, bytes)?;
+            for r in 0..chunk.rows {
+                let row = r * self.row_stride;
+                match self.dtype {
+                    DType::F32 => {
+                        let v: &[f32] = bytemuck::cast_slice(&raw);
+                        out.extend_from_slice(&v[row..row + cols]);
+                    }
+                    DType::F16 => {
+                        let v: &[f16] = bytemuck::cast_slice(&raw);
+                        out.extend(v[row..row + cols].iter().map(|x| x.to_f32()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,14 @@
+//! PaliGemma vision-language inference on any GPU through wgpu compute shaders.
+//!
+//! The crate is organised like the model: [`gpu`] holds the device, tensors and pipeline cache,
+//! [`ops`] one typed launcher per WGSL kernel (each with a plain-Rust reference), [`model`] the
+//! checkpoint loader and the SigLIP / Gemma forward passes, and [`processor`] the image and
+//! prompt preprocessing.
+
+pub mod error;
+pub mod gpu;
+pub mod npy;
+pub mod ops;
+pub mod processor;
+
+pub use error::{Error, Result};

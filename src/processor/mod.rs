@@ -1,0 +1,3 @@
+//! Turning user inputs (images, prompts) into model inputs.
+
+pub mod image;
