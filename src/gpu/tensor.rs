@@ -20,6 +20,8 @@ pub enum DType {
     F32,
     /// 16-bit float packed two per `u32`: weight matrices.
     F16,
+    /// 32-bit unsigned integer: token ids, positions.
+    U32,
 }
 
 impl DType {
@@ -28,6 +30,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 => 2,
+            DType::U32 => 4,
         }
     }
 }
@@ -108,6 +111,21 @@ impl Tensor {
                 format!("shape {shape:?} needs {} values, got {}", t.numel(), data.len()),
             ));
         }
+        gpu.queue
+            .write_buffer(&t.chunks[0].buffer, 0, bytemuck::cast_slice(data));
+        Ok(t)
+    }
+
+    /// A u32 tensor holding `data` (token ids, positions).
+    pub fn from_u32(gpu: &Gpu, name: &str, shape: &[usize], data: &[u32]) -> Result<Self> {
+        let mut t = Self::zeros(gpu, name, shape)?;
+        if data.len() != t.numel() {
+            return Err(Error::tensor(
+                name,
+                format!("shape {shape:?} needs {} values, got {}", t.numel(), data.len()),
+            ));
+        }
+        t.dtype = DType::U32;
         gpu.queue
             .write_buffer(&t.chunks[0].buffer, 0, bytemuck::cast_slice(data));
         Ok(t)
@@ -254,6 +272,10 @@ impl Tensor {
                     DType::F16 => {
                         let v: &[f16] = bytemuck::cast_slice(&raw);
                         out.extend(v[row..row + cols].iter().map(|x| x.to_f32()));
+                    }
+                    DType::U32 => {
+                        let v: &[u32] = bytemuck::cast_slice(&raw);
+                        out.extend(v[row..row + cols].iter().map(|x| *x as f32));
                     }
                 }
             }
