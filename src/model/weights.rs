@@ -1,0 +1,268 @@
+//! Reading safetensors checkpoints: a single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, memory-mapped, with f32 / bf16 / f16 tensors converted to
+//! f16 one binding-chunk at a time (never a full f32 copy in RAM).
+//!
+//! Tensor names are normalised to the published (transformers 4.x / Hub) layout, so
+//! `vision_tower.*` and `model.vision_tower.*` saved by transformers 5 resolve to
+//! `vision_tower.vision_model.*`, and `model.language_model.*` to `language_model.model.*`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use indicatif::{ProgressBar, ProgressStyle};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::gpu::{Gpu, Tensor};
+use crate::{Error, Result};
+
+struct Entry {
+    file: usize,
+    original: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// An open checkpoint directory.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, Entry>,
+    progress: Option<ProgressBar>,
+}
+
+/// Map a tensor name as saved by any transformers version to the published layout.
+pub fn canonical_name(name: &str) -> String {
+    let name = match name.strip_prefix("model.") {
+        Some(rest)
+            if ["vision_tower.", "multi_modal_projector.", "language_model."]
+                .iter()
+                .any(|p| rest.starts_with(p)) =>
+        {
+            rest
+        }
+        _ => name,
+    };
+    if let Some(rest) = name.strip_prefix("vision_tower.") {
+        if !rest.starts_with("vision_model.") {
+            return format!("vision_tower.vision_model.{rest}");
+        }
+    }
+    if let Some(rest) = name.strip_prefix("language_model.") {
+        if !rest.starts_with("model.") && !rest.starts_with("lm_head.") {
+            return format!("language_model.model.{rest}");
+        }
+    }
+    name.to_string()
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the checkpoint is opened read-only; as with every mmap-based loader, a file
+    // truncated by another process while mapped is outside what we can guard against.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+impl Checkpoint {
+    /// Open `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Model(format!(
+                "{} is not a directory (expected a checkpoint folder with config.json and *.safetensors)",
+                dir.display()
+            )));
+        }
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let shard_names: Vec<String> = if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        } else if single.is_file() {
+            vec!["model.safetensors".into()]
+        } else {
+            return Err(Error::Model(format!(
+                "{} has neither model.safetensors nor model.safetensors.index.json",
+                dir.display()
+            )));
+        };
+        let mut files = Vec::new();
+        let mut tensors: HashMap<String, Entry> = HashMap::new();
+        for shard in shard_names {
+            let path = dir.join(&shard);
+            let mmap = map_file(&path)?;
+            let (header, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::Model(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+            let base = 8 + header;
+            for (name, info) in meta.tensors() {
+                let canonical = canonical_name(&name);
+                let entry = Entry {
+                    file: files.len(),
+                    original: name.clone(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + info.data_offsets.0,
+                    end: base + info.data_offsets.1,
+                };
+                if let Some(prev) = tensors.insert(canonical.clone(), entry) {
+                    return Err(Error::Model(format!(
+                        "{}: tensors `{}` and `{name}` both map to `{canonical}`",
+                        dir.display(),
+                        prev.original
+                    )));
+                }
+            }
+            files.push((path, mmap));
+        }
+        Ok(Checkpoint {
+            files,
+            tensors,
+            progress: None,
+        })
+    }
+
+    /// Show a progress bar on stderr (bytes converted and uploaded) while tensors load.
+    pub fn show_progress(&mut self) {
+        let total: usize = self.tensors.values().map(|e| e.end - e.start).sum();
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} ({eta})")
+                .expect("valid template"),
+        );
+        self.progress = Some(bar);
+    }
+
+    /// Close the progress bar, if any.
+    pub fn finish_progress(&mut self) {
+        if let Some(bar) = self.progress.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// Whether a tensor exists (by canonical name).
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
+        let e = self.tensors.get(name).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!("missing from the checkpoint in {}", self.files[0].0.parent().unwrap_or(Path::new(".")).display()),
+            )
+        })?;
+        if e.shape != shape {
+            return Err(Error::tensor(
+                &e.original,
+                format!("has shape {:?}, the config implies {shape:?}", e.shape),
+            ));
+        }
+        if !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(Error::tensor(
+                &e.original,
+                format!("has dtype {:?}; only F32, BF16 and F16 are supported", e.dtype),
+            ));
+        }
+        Ok(e)
+    }
+
+    fn bytes(&self, e: &Entry) -> &[u8] {
+        &self.files[e.file].1[e.start..e.end]
+    }
+
+    fn tick(&self, e: &Entry) {
+        if let Some(bar) = &self.progress {
+            bar.inc((e.end - e.start) as u64);
+        }
+    }
+
+    /// Convert `src` (little-endian values of `dtype`) into `dst`.
+    fn convert<T>(dtype: Dtype, src: &[u8], dst: &mut [T], from_f32: impl Fn(f32) -> T, from_f16: impl Fn(f16) -> T) {
+        match dtype {
+            Dtype::F32 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
+            }
+            Dtype::BF16 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32());
+                }
+            }
+            _ => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = from_f16(f16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+        }
+    }
+
+    /// Load a weight as an f16 matrix `[shape[0], product of the rest]` (a conv kernel
+    /// `[out, c, kh, kw]` becomes `[out, c·kh·kw]`), checking it has exactly `shape`.
+    pub fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let e = self.entry(name, shape)?;
+        let rows = shape[0];
+        let cols: usize = shape[1..].iter().product();
+        let elem = if e.dtype == Dtype::F32 { 4 } else { 2 };
+        let data = self.bytes(e);
+        let t = Tensor::weight_f16(gpu, name, &[rows, cols], |r, dst| {
+            let src = &data[r * cols * elem..(r + 1) * cols * elem];
+            Self::convert(e.dtype, src, dst, f16::from_f32, |h| h);
+            Ok(())
+        })?;
+        self.tick(e);
+        Ok(t)
+    }
+
+    /// Read a tensor into host f32 values, checking it has exactly `shape`.
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let e = self.entry(name, shape)?;
+        let mut out = vec![0.0f32; shape.iter().product()];
+        Self::convert(e.dtype, self.bytes(e), &mut out, |x| x, f16::to_f32);
+        Ok(out)
+    }
+
+    /// Load a 1-D tensor (norm weight, bias) as an f32 vector of length `len`.
+    pub fn vector(&self, gpu: &Gpu, name: &str, len: usize) -> Result<Tensor> {
+        let data = self.read_f32(name, &[len])?;
+        let t = Tensor::from_f32(gpu, name, &[len], &data)?;
+        self.tick(&self.tensors[name]);
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn names_from_every_transformers_generation_agree() {
+        let published = "vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight";
+        assert_eq!(canonical_name(published), published);
+        assert_eq!(canonical_name("vision_tower.encoder.layers.3.mlp.fc1.weight"), published);
+        assert_eq!(canonical_name("model.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight"), published);
+        let lm = "language_model.model.layers.0.self_attn.q_proj.weight";
+        assert_eq!(canonical_name(lm), lm);
+        assert_eq!(canonical_name("model.language_model.layers.0.self_attn.q_proj.weight"), lm);
+        assert_eq!(canonical_name("model.multi_modal_projector.linear.bias"), "multi_modal_projector.linear.bias");
+        assert_eq!(canonical_name("lm_head.weight"), "lm_head.weight");
+    }
+}
