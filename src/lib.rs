@@ -6,6 +6,7 @@
 //! prompt preprocessing.
 
 pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod model;
 pub mod npy;

@@ -1,1 +1,158 @@
-fn main() {}
+//! `paligemma`: run PaliGemma on any GPU through wgpu.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use paligemma::generate::{GenerateOptions, SamplingParams};
+use paligemma::gpu::{Gpu, GpuOptions};
+use paligemma::model::{resolve_model_dir, ImageEncoder, PaliGemma};
+
+#[derive(Parser)]
+#[command(name = "paligemma", version, about = "PaliGemma vision-language inference on any GPU (wgpu)")]
+struct Cli {
+    /// Log more (adapter features, limits, timings); repeat for debug output.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Split weights into GPU bindings of at most this many bytes (testing aid).
+    #[arg(long, global = true, value_name = "BYTES")]
+    max_binding: Option<u64>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the vision tower and projector on an image and save the image embeddings.
+    EncodeImage {
+        /// Checkpoint directory, or org/name in the local Hugging Face cache.
+        #[arg(long)]
+        model: String,
+        /// Input image (any format the `image` crate reads).
+        #[arg(long)]
+        image: PathBuf,
+        /// Output .npy file: little-endian f32 [num_image_tokens, text_hidden_size].
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Answer a prompt about an image (caption en, answer en ..., detect cat, ocr, ...).
+    Generate {
+        /// Checkpoint directory, or org/name in the local Hugging Face cache.
+        #[arg(long)]
+        model: String,
+        /// Input image.
+        #[arg(long)]
+        image: PathBuf,
+        /// The prompt, e.g. "caption en".
+        #[arg(long)]
+        prompt: String,
+        /// Stop after this many new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample among the k most likely tokens only (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample among the most likely tokens whose probabilities sum to p.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object (text, ids, per-step log-probabilities, timings).
+        #[arg(long)]
+        json: bool,
+        /// With --json, record the K best log-probabilities of every step.
+        #[arg(long, default_value_t = 0, value_name = "K")]
+        top_logprobs: usize,
+    },
+}
+
+fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
+    let gpu = Gpu::new(GpuOptions {
+        weight_binding_limit: max_binding,
+    })?;
+    eprintln!("adapter: {}", gpu.describe());
+    Ok(gpu)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::EncodeImage { model, image, out } => {
+            let dir = resolve_model_dir(&model)?;
+            let gpu = open_gpu(cli.max_binding)?;
+            let encoder = ImageEncoder::load_on(gpu, &dir, true)?;
+            let pixels = encoder.images.load(&image)?;
+            let features = encoder.encode(&pixels)?;
+            let shape = [encoder.config.num_image_tokens(), encoder.config.projection_dim];
+            paligemma::npy::write_f32(&out, &shape, &features)?;
+            eprintln!("wrote {} {:?}", out.display(), shape);
+        }
+        Command::Generate {
+            model,
+            image,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            json,
+            top_logprobs,
+        } => {
+            let options = GenerateOptions {
+                max_new_tokens,
+                sampling: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                top_logprobs,
+                stop_at_eos: true,
+            };
+            options.sampling.validate()?;
+            let dir = resolve_model_dir(&model)?;
+            let gpu = open_gpu(cli.max_binding)?;
+            let model = PaliGemma::load_on(gpu, &dir, true)?;
+            let pixels = model.images.load(&image)?;
+            let mut stdout = std::io::stdout();
+            let mut on_text = |t: &str| {
+                if !json {
+                    let _ = write!(stdout, "{t}");
+                    let _ = stdout.flush();
+                }
+            };
+            let mut result = model.generate(&pixels, &prompt, &options, &mut on_text)?;
+            result.timings.load_s = model.load_seconds();
+            if json {
+                println!("{}", serde_json::to_string(&result).context("serialising the result")?);
+            } else {
+                println!();
+                log::info!("timings: {:?}", result.timings);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

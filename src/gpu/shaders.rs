@@ -3,6 +3,12 @@
 /// Every shader by name. The name is the file stem under `shaders/`.
 pub const ALL: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("norm", include_str!("../../shaders/norm.wgsl")),
+    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("embed", include_str!("../../shaders/embed.wgsl")),
+    ("patch", include_str!("../../shaders/patch.wgsl")),
+    ("rope", include_str!("../../shaders/rope.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
 ];
 
 /// The source of the shader called `name`.

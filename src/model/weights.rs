@@ -26,11 +26,33 @@ struct Entry {
     end: usize,
 }
 
-/// An open checkpoint directory.
+/// An open checkpoint directory, or a synthetic one that makes up random weights of any
+/// requested shape (benchmarks and full-size shape tests without a file).
 pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, Entry>,
+    synthetic: Option<u64>,
     progress: Option<ProgressBar>,
+}
+
+/// Deterministic values in [-scale, scale) for synthetic weights, from a name and a seed.
+struct SyntheticValues(u64);
+
+impl SyntheticValues {
+    fn new(name: &str, seed: u64, row: usize) -> Self {
+        let mut h = seed ^ 0xCBF2_9CE4_8422_2325;
+        for b in name.bytes().chain(row.to_le_bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01B3);
+        }
+        SyntheticValues(h | 1)
+    }
+
+    fn next(&mut self, scale: f32) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+    }
 }
 
 /// Map a tensor name as saved by any transformers version to the published layout.
@@ -130,12 +152,28 @@ impl Checkpoint {
         Ok(Checkpoint {
             files,
             tensors,
+            synthetic: None,
             progress: None,
         })
     }
 
+    /// A checkpoint that has every tensor, of whatever shape is asked, filled with seeded
+    /// random values: matrices uniform in ±1/√cols, vectors in ±0.1.
+    pub fn synthetic(seed: u64) -> Self {
+        Checkpoint {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            synthetic: Some(seed),
+            progress: None,
+        }
+    }
+
     /// Show a progress bar on stderr (bytes converted and uploaded) while tensors load.
+    /// Synthetic checkpoints show none.
     pub fn show_progress(&mut self) {
+        if self.synthetic.is_some() {
+            return;
+        }
         let total: usize = self.tensors.values().map(|e| e.end - e.start).sum();
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
@@ -154,7 +192,7 @@ impl Checkpoint {
 
     /// Whether a tensor exists (by canonical name).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.synthetic.is_some() || self.tensors.contains_key(name)
     }
 
     /// The shape of a tensor, if present.
@@ -218,9 +256,17 @@ impl Checkpoint {
     /// Load a weight as an f16 matrix `[shape[0], product of the rest]` (a conv kernel
     /// `[out, c, kh, kw]` becomes `[out, c·kh·kw]`), checking it has exactly `shape`.
     pub fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let e = self.entry(name, shape)?;
         let rows = shape[0];
         let cols: usize = shape[1..].iter().product();
+        if let Some(seed) = self.synthetic {
+            let scale = (cols as f32).powf(-0.5);
+            return Tensor::weight_f16(gpu, name, &[rows, cols], |r, dst| {
+                let mut v = SyntheticValues::new(name, seed, r);
+                dst.iter_mut().for_each(|d| *d = f16::from_f32(v.next(scale)));
+                Ok(())
+            });
+        }
+        let e = self.entry(name, shape)?;
         let elem = if e.dtype == Dtype::F32 { 4 } else { 2 };
         let data = self.bytes(e);
         let t = Tensor::weight_f16(gpu, name, &[rows, cols], |r, dst| {
@@ -234,8 +280,13 @@ impl Checkpoint {
 
     /// Read a tensor into host f32 values, checking it has exactly `shape`.
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let e = self.entry(name, shape)?;
         let mut out = vec![0.0f32; shape.iter().product()];
+        if let Some(seed) = self.synthetic {
+            let mut v = SyntheticValues::new(name, seed, 0);
+            out.iter_mut().for_each(|d| *d = v.next(0.1));
+            return Ok(out);
+        }
+        let e = self.entry(name, shape)?;
         Self::convert(e.dtype, self.bytes(e), &mut out, |x| x, f16::to_f32);
         Ok(out)
     }
@@ -244,7 +295,9 @@ impl Checkpoint {
     pub fn vector(&self, gpu: &Gpu, name: &str, len: usize) -> Result<Tensor> {
         let data = self.read_f32(name, &[len])?;
         let t = Tensor::from_f32(gpu, name, &[len], &data)?;
-        self.tick(&self.tensors[name]);
+        if let Some(e) = self.tensors.get(name) {
+            self.tick(e);
+        }
         Ok(t)
     }
 }

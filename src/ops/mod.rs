@@ -2,6 +2,12 @@
 //! math that the tests compare against.
 
 pub mod linear;
+pub mod norm;
+pub mod elementwise;
+pub mod embed;
+pub mod patch;
+pub mod rope;
+pub mod attention;
 
 #[cfg(test)]
 pub(crate) mod testutil;

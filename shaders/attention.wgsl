@@ -1,0 +1,201 @@
+// Scaled dot-product attention with a prefix-LM mask, one pass over the keys with an online
+// (flash-attention style) softmax: memory does not grow with the sequence length squared.
+//
+// For query row r (absolute position pos = q_pos0 + r) and query head h, with kv head
+// kh = h / group (group = heads / kv_heads: MHA group 1, GQA, MQA kv_heads 1):
+//   s_j    = scale * q[r, h] · k[j, kh]            for j < n(pos)
+//   out[r, h] = Σ_j softmax(s)_j · v[j, kh]
+// where key j is visible iff j < kv_len && (j < prefix_len || j <= pos), i.e. exactly the keys
+// 0 .. n(pos) with n(pos) = min(kv_len, max(prefix_len, pos + 1)). Rows of k and v from n(pos)
+// on are never read (a preallocated KV cache may hold anything there).
+//
+// q, out  f32 [rows, heads * head_dim], row stride q_stride; head h at columns h * head_dim ..
+// k, v    f32 [max_rows, kv_heads * head_dim], row stride kv_stride.
+//
+// One workgroup of 64 threads handles NQ query vectors (pairs (row, head)) that share one kv
+// head: the (row, head-in-group) pairs of that kv head are numbered row-major and cut into
+// chunks of NQ, so K and V rows loaded once serve NQ dot products / accumulations (all heads of
+// a row under MQA/GQA, several consecutive rows under MHA). Workgroup w (linear index
+// wid.x + wid.y * nwg.x) is chunk w % chunks of kv head w / chunks.
+//
+// Keys are walked in blocks of 64, up to the largest n(pos) of the chunk (a uniform bound):
+//   1. thread t computes the scores of key j0 + t for the NQ queries (q pre-scaled in
+//      workgroup memory; keys a query may not see get -3e38);
+//   2. every thread takes the block maximum per query (same order, same result), the new
+//      running max m' = max(m, block max), and p_t = exp(s_t - m') for its key;
+//   3. thread t owns output dims t, t + 64, t + 128, t + 192 (< head_dim): it rescales its
+//      accumulators and running sums by exp(m - m') and adds Σ_j p_j · v[j, d].
+// Finally out = acc / l. All arithmetic is f32; two barriers per key block.
+
+struct Params {
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    group: u32,
+    q_rows: u32,
+    q_pos0: u32,
+    kv_len: u32,
+    prefix_len: u32,
+    q_stride: u32,
+    kv_stride: u32,
+    chunks: u32,
+    count: u32,
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+const WG: u32 = 64u;
+const NQ: u32 = 4u;
+const MAXD: u32 = 256u;
+const DSLOTS: u32 = 4u; // MAXD / WG output dims per thread
+const NEG: f32 = -3.0e38;
+
+var<workgroup> qs: array<f32, 1024>; // [NQ][MAXD] pre-scaled queries
+var<workgroup> ss: array<f32, 256>; // [NQ][WG] scores of the block
+var<workgroup> ps: array<f32, 256>; // [NQ][WG] probabilities of the block
+
+// Number of keys visible to query row `row`: keys 0 .. keys_for(row).
+fn keys_for(row: u32) -> u32 {
+    return min(p.kv_len, max(p.prefix_len, p.q_pos0 + row + 1u));
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn attention(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let w = wid.x + wid.y * nwg.x;
+    if (w >= p.count) {
+        return;
+    }
+    let kh = w / p.chunks;
+    let first = (w % p.chunks) * NQ;
+    let items = p.q_rows * p.group;
+    let last = min(first + NQ, items) - 1u;
+    // Rows grow with the item index, so the last item sees the most keys.
+    let n_max = keys_for(last / p.group);
+    let hd = p.head_dim;
+    let kbase = kh * hd;
+
+    var n_i: array<u32, NQ>;
+    var base: array<u32, NQ>;
+    for (var i = 0u; i < NQ; i++) {
+        let f = first + i;
+        n_i[i] = 0u;
+        base[i] = 0u;
+        if (f < items) {
+            let row = f / p.group;
+            let head = kh * p.group + f % p.group;
+            n_i[i] = keys_for(row);
+            base[i] = row * p.q_stride + head * hd;
+        }
+    }
+    for (var i = 0u; i < NQ; i++) {
+        for (var d = t; d < hd; d += WG) {
+            var x = 0.0;
+            if (n_i[i] > 0u) {
+                x = q[base[i] + d] * p.scale;
+            }
+            qs[i * MAXD + d] = x;
+        }
+    }
+
+    var m: array<f32, NQ>;
+    var l: array<f32, NQ>;
+    var acc: array<array<f32, DSLOTS>, NQ>;
+    for (var i = 0u; i < NQ; i++) {
+        m[i] = NEG;
+        l[i] = 0.0;
+        for (var e = 0u; e < DSLOTS; e++) {
+            acc[i][e] = 0.0;
+        }
+    }
+    workgroupBarrier();
+
+    for (var j0 = 0u; j0 < n_max; j0 += WG) {
+        // 1. Scores of key j for every query of the chunk.
+        let j = j0 + t;
+        var s: array<f32, NQ>;
+        for (var i = 0u; i < NQ; i++) {
+            s[i] = 0.0;
+        }
+        if (j < n_max) {
+            let kr = j * p.kv_stride + kbase;
+            for (var d = 0u; d < hd; d++) {
+                let kd = k[kr + d];
+                for (var i = 0u; i < NQ; i++) {
+                    s[i] = fma(qs[i * MAXD + d], kd, s[i]);
+                }
+            }
+        }
+        for (var i = 0u; i < NQ; i++) {
+            ss[i * WG + t] = select(NEG, s[i], j < n_i[i]);
+        }
+        workgroupBarrier();
+
+        // 2. Running max and this thread's key probability.
+        let nb = min(WG, n_max - j0);
+        var alpha: array<f32, NQ>;
+        for (var i = 0u; i < NQ; i++) {
+            var mb = NEG;
+            for (var jj = 0u; jj < nb; jj++) {
+                mb = max(mb, ss[i * WG + jj]);
+            }
+            let mn = max(m[i], mb);
+            alpha[i] = exp(m[i] - mn);
+            m[i] = mn;
+            var pr = 0.0;
+            if (j < n_i[i]) {
+                pr = exp(ss[i * WG + t] - mn);
+            }
+            ps[i * WG + t] = pr;
+        }
+        workgroupBarrier();
+
+        // 3. Rescale and accumulate p · V over the block.
+        for (var i = 0u; i < NQ; i++) {
+            l[i] *= alpha[i];
+            for (var e = 0u; e < DSLOTS; e++) {
+                acc[i][e] *= alpha[i];
+            }
+        }
+        for (var jj = 0u; jj < nb; jj++) {
+            let vr = (j0 + jj) * p.kv_stride + kbase;
+            var pj: array<f32, NQ>;
+            for (var i = 0u; i < NQ; i++) {
+                pj[i] = ps[i * WG + jj];
+                l[i] += pj[i];
+            }
+            for (var e = 0u; e < DSLOTS; e++) {
+                let d = t + e * WG;
+                if (d < hd) {
+                    let vd = v[vr + d];
+                    for (var i = 0u; i < NQ; i++) {
+                        acc[i][e] = fma(pj[i], vd, acc[i][e]);
+                    }
+                }
+            }
+        }
+    }
+
+    for (var i = 0u; i < NQ; i++) {
+        if (n_i[i] > 0u) {
+            let inv = 1.0 / l[i];
+            for (var e = 0u; e < DSLOTS; e++) {
+                let d = t + e * WG;
+                if (d < hd) {
+                    out[base[i] + d] = acc[i][e] * inv;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! Scaled dot-product attention (`shaders/attention.wgsl`) with grouped/multi-query heads and a
+//! prefix-LM mask, computed in one pass over the keys with an online softmax, so memory does
+//! not grow with the square of the sequence length.
+//!
+//! For query row `r` (absolute position `pos = q_pos0 + r`) and head `h`, with kv head
+//! `h / (heads / kv_heads)`: `out[r, h] = Σ_j softmax_j(scale · q[r, h] · k[j]) · v[j]` over
+//! the keys `j < kv_len && (j < prefix_len || j <= pos)`. That one mask covers SigLIP
+//! (`prefix_len = kv_len = T`, bidirectional), Gemma prefill (`q_pos0 = 0`, `prefix_len` the
+//! prompt length: bidirectional over the prompt, causal after it) and decode (`q_rows = 1`,
+//! `q_pos0` the position, `kv_len = q_pos0 + 1`).
+
+use super::{check, u32_arg};
+use crate::gpu::{DType, KernelKey, Recorder, Tensor};
+use crate::Result;
+
+/// Largest supported head dimension (the shader's workgroup query buffer).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Query vectors `(row, head)` handled by one workgroup (the shader's `NQ`).
+const QUERIES_PER_WORKGROUP: usize = 4;
+
+/// Shape and mask of an [`attention`] launch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnOpts {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; `heads % kv_heads == 0` (query head `h` uses kv head
+    /// `h / (heads / kv_heads)`; multi-query attention has `kv_heads = 1`).
+    pub kv_heads: usize,
+    /// Dimension of one head, `1..=256`.
+    pub head_dim: usize,
+    /// Score scale, usually `head_dim^-0.5`.
+    pub scale: f32,
+    /// Number of query rows computed (rows `0..q_rows` of `q` and `out`).
+    pub q_rows: usize,
+    /// Absolute position of query row 0; `q_pos0 + q_rows <= kv_len` (every query sees itself).
+    pub q_pos0: usize,
+    /// Keys/values `0..kv_len` are valid; later rows of `k` and `v` are never read.
+    pub kv_len: usize,
+    /// Prefix-LM mask: a query at position `p` may attend key `j` iff
+    /// `j < kv_len && (j < prefix_len || j <= p)`; `prefix_len <= kv_len`.
+    pub prefix_len: usize,
+}
+
+impl AttnOpts {
+    /// Number of keys visible to query row `row` (keys `0..n`).
+    fn keys_for(&self, row: usize) -> usize {
+        self.kv_len.min(self.prefix_len.max(self.q_pos0 + row + 1))
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    group: u32,
+    q_rows: u32,
+    q_pos0: u32,
+    kv_len: u32,
+    prefix_len: u32,
+    q_stride: u32,
+    kv_stride: u32,
+    chunks: u32,
+    count: u32,
+    scale: f32,
+    pad: [u32; 3],
+}
+
+/// Record `out[r] = attention(q[r], k[..kv_len], v[..kv_len])` for rows `0..q_rows`.
+/// `q` and `out` are f32 `[rows, heads * head_dim]`, `k` and `v` f32
+/// `[max_rows, kv_heads * head_dim]` (head `h` at columns `h * head_dim..`); `out` must be a
+/// different buffer from the inputs.
+pub fn attention(
+    rec: &mut Recorder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    opts: &AttnOpts,
+) -> Result<()> {
+    const K: &str = "attention";
+    let o = opts;
+    check(o.heads > 0 && o.kv_heads > 0, K, || {
+        format!("heads = {} and kv_heads = {} must be positive", o.heads, o.kv_heads)
+    })?;
+    check(o.heads % o.kv_heads == 0, K, || {
+        format!("heads = {} is not a multiple of kv_heads = {}", o.heads, o.kv_heads)
+    })?;
+    check((1..=MAX_HEAD_DIM).contains(&o.head_dim), K, || {
+        format!("head_dim = {} outside 1..={MAX_HEAD_DIM}", o.head_dim)
+    })?;
+    check(o.scale.is_finite(), K, || format!("scale = {} is not finite", o.scale))?;
+    for t in [q, k, v, out] {
+        check(t.dtype() == DType::F32 && t.chunks().len() == 1, K, || {
+            format!("{} must be a single-buffer f32 tensor", t.name())
+        })?;
+    }
+    let q_width = o.heads * o.head_dim;
+    let kv_width = o.kv_heads * o.head_dim;
+    for (t, want) in [(q, q_width), (out, q_width), (k, kv_width), (v, kv_width)] {
+        check(t.cols() == want, K, || {
+            format!(
+                "{} has {} columns, expected {want} ({} heads x head_dim {})",
+                t.name(),
+                t.cols(),
+                if want == q_width { o.heads } else { o.kv_heads },
+                o.head_dim
+            )
+        })?;
+    }
+    check(o.q_rows > 0, K, || "q_rows = 0".into())?;
+    for t in [q, out] {
+        check(o.q_rows <= t.rows(), K, || {
+            format!("q_rows = {} but {} has {} rows", o.q_rows, t.name(), t.rows())
+        })?;
+    }
+    check(o.kv_len > 0, K, || "kv_len = 0".into())?;
+    for t in [k, v] {
+        check(o.kv_len <= t.rows(), K, || {
+            format!("kv_len = {} but {} has {} rows", o.kv_len, t.name(), t.rows())
+        })?;
+    }
+    check(o.q_pos0 + o.q_rows <= o.kv_len, K, || {
+        format!(
+            "query positions {}..{} reach past kv_len = {}",
+            o.q_pos0,
+            o.q_pos0 + o.q_rows,
+            o.kv_len
+        )
+    })?;
+    check(o.prefix_len <= o.kv_len, K, || {
+        format!("prefix_len = {} exceeds kv_len = {}", o.prefix_len, o.kv_len)
+    })?;
+    for t in [q, k, v] {
+        check(t.buffer() != out.buffer(), K, || {
+            format!("out {} aliases input {}", out.name(), t.name())
+        })?;
+    }
+
+    let group = o.heads / o.kv_heads;
+    let chunks = (o.q_rows * group).div_ceil(QUERIES_PER_WORKGROUP);
+    let count = u32_arg(K, "workgroups", chunks * o.kv_heads)?;
+    let params = Params {
+        heads: u32_arg(K, "heads", o.heads)?,
+        kv_heads: u32_arg(K, "kv_heads", o.kv_heads)?,
+        head_dim: u32_arg(K, "head_dim", o.head_dim)?,
+        group: u32_arg(K, "group", group)?,
+        q_rows: u32_arg(K, "q_rows", o.q_rows)?,
+        q_pos0: u32_arg(K, "q_pos0", o.q_pos0)?,
+        kv_len: u32_arg(K, "kv_len", o.kv_len)?,
+        prefix_len: u32_arg(K, "prefix_len", o.prefix_len)?,
+        q_stride: u32_arg(K, "q stride", q_width)?,
+        kv_stride: u32_arg(K, "kv stride", kv_width)?,
+        chunks: u32_arg(K, "chunks", chunks)?,
+        count,
+        scale: o.scale,
+        pad: [0; 3],
+    };
+    // Largest flat index the shader forms.
+    u32_arg(K, "q size", q.numel().max(k.numel()).max(v.numel()))?;
+    let key = KernelKey::new("attention", "attention");
+    let grid = rec.grid(count);
+    let buffers = [q.buffer(), k.buffer(), v.buffer(), out.buffer()];
+    rec.dispatch(&key, &params, &buffers, grid)?;
+    Ok(())
+}
+
+/// CPU reference of [`attention`] on row-major slices with the layouts of [`attention`]
+/// (`k` and `v` need only `kv_len` rows). Writes rows `0..q_rows` of `out`.
+pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], opts: &AttnOpts) {
+    let o = opts;
+    let (hd, group) = (o.head_dim, o.heads / o.kv_heads);
+    let (qs, kvs) = (o.heads * hd, o.kv_heads * hd);
+    let mut scores = Vec::new();
+    for r in 0..o.q_rows {
+        let n = o.keys_for(r);
+        for h in 0..o.heads {
+            let qo = r * qs + h * hd;
+            let ko = (h / group) * hd;
+            let qv = &q[qo..qo + hd];
+            scores.clear();
+            scores.extend((0..n).map(|j| {
+                let kr = &k[j * kvs + ko..j * kvs + ko + hd];
+                o.scale * qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>()
+            }));
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let dst = &mut out[qo..qo + hd];
+            dst.fill(0.0);
+            for (j, pj) in scores.iter().enumerate() {
+                let vr = &v[j * kvs + ko..j * kvs + ko + hd];
+                for (d, x) in dst.iter_mut().zip(vr) {
+                    *d += pj * x;
+                }
+            }
+            for d in dst {
+                *d /= sum;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{assert_close, gpu_with_limit, rand_vec};
+
+    struct Case {
+        opts: AttnOpts,
+        /// Rows of the k/v buffers (>= kv_len); rows past kv_len are filled with `garbage`.
+        kv_rows: usize,
+        garbage: f32,
+        /// Magnitude of q and k entries.
+        qk_scale: f32,
+    }
+
+    fn full(t: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Case {
+        Case {
+            opts: AttnOpts {
+                heads,
+                kv_heads,
+                head_dim,
+                scale: (head_dim as f32).powf(-0.5),
+                q_rows: t,
+                q_pos0: 0,
+                kv_len: t,
+                prefix_len: t,
+            },
+            kv_rows: t,
+            garbage: 0.0,
+            qk_scale: 1.0,
+        }
+    }
+
+    /// Run `case` on the GPU and the reference; return the GPU output.
+    fn run_case(case: &Case, what: &str) -> Vec<f32> {
+        let gpu = gpu_with_limit(None);
+        let o = &case.opts;
+        let (qw, kvw) = (o.heads * o.head_dim, o.kv_heads * o.head_dim);
+        let q = rand_vec(o.q_rows * qw, case.qk_scale, 11);
+        let mut k = rand_vec(case.kv_rows * kvw, case.qk_scale, 12);
+        let mut v = rand_vec(case.kv_rows * kvw, 1.0, 13);
+        k[o.kv_len * kvw..].fill(case.garbage);
+        v[o.kv_len * kvw..].fill(case.garbage);
+        let qt = Tensor::from_f32(&gpu, "q", &[o.q_rows, qw], &q).unwrap();
+        let kt = Tensor::from_f32(&gpu, "k", &[case.kv_rows, kvw], &k).unwrap();
+        let vt = Tensor::from_f32(&gpu, "v", &[case.kv_rows, kvw], &v).unwrap();
+        let ot = Tensor::from_f32(&gpu, "out", &[o.q_rows, qw], &vec![f32::NAN; o.q_rows * qw])
+            .unwrap();
+        let mut rec = Recorder::new(&gpu);
+        attention(&mut rec, &qt, &kt, &vt, &ot, o).unwrap();
+        rec.run().unwrap();
+        let got = ot.read(&gpu).unwrap();
+        let mut want = vec![0.0; o.q_rows * qw];
+        attention_ref(&q, &k[..o.kv_len * kvw], &v[..o.kv_len * kvw], &mut want, o);
+        assert!(want.iter().all(|x| x.is_finite()), "{what}: reference not finite");
+        assert_close(&got, &want, 1e-4, what);
+        got
+    }
+
+    /// The mask exactly as specified, with f64 softmax: checks [`attention_ref`] itself.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], o: &AttnOpts) -> Vec<f32> {
+        let (hd, group) = (o.head_dim, o.heads / o.kv_heads);
+        let (qs, kvs) = (o.heads * hd, o.kv_heads * hd);
+        let mut out = vec![0.0; o.q_rows * qs];
+        for r in 0..o.q_rows {
+            let pos = o.q_pos0 + r;
+            for h in 0..o.heads {
+                let (qo, ko) = (r * qs + h * hd, (h / group) * hd);
+                let s: Vec<f64> = (0..k.len() / kvs)
+                    .map(|j| {
+                        if j < o.kv_len && (j < o.prefix_len || j <= pos) {
+                            let dot: f64 = (0..hd)
+                                .map(|d| q[qo + d] as f64 * k[j * kvs + ko + d] as f64)
+                                .sum();
+                            dot * o.scale as f64
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let acc: f64 = (0..e.len())
+                        .filter(|&j| e[j] > 0.0)
+                        .map(|j| e[j] * v[j * kvs + ko + d] as f64)
+                        .sum();
+                    out[qo + d] = (acc / sum) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn reference_applies_the_specified_mask() {
+        for (q_rows, q_pos0, kv_len, prefix_len) in
+            [(20, 0, 20, 20), (20, 0, 20, 7), (1, 15, 16, 9), (3, 10, 13, 12), (4, 0, 20, 0)]
+        {
+            let o = AttnOpts {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 8,
+                scale: 0.5,
+                q_rows,
+                q_pos0,
+                kv_len,
+                prefix_len,
+            };
+            let q = rand_vec(q_rows * 32, 2.0, 1);
+            let k = rand_vec(24 * 16, 2.0, 2);
+            let v = rand_vec(24 * 16, 1.0, 3);
+            let mut got = vec![0.0; q_rows * 32];
+            attention_ref(&q, &k, &v, &mut got, &o);
+            assert_close(&got, &naive(&q, &k, &v, &o), 1e-5, &format!("{o:?}"));
+        }
+    }
+
+    #[test]
+    fn bidirectional_matches_reference() {
+        run_case(&full(37, 4, 4, 12), "T=37 h=4 d=12");
+        run_case(&full(200, 16, 16, 72), "T=200 h=16 d=72 (SigLIP-like)");
+        run_case(&full(130, 8, 1, 256), "T=130 h=8 kv=1 d=256 (MQA)");
+        run_case(&full(5, 3, 3, 7), "T=5 h=3 d=7");
+    }
+
+    #[test]
+    fn grouped_query_matches_reference() {
+        run_case(&full(45, 4, 2, 24), "GQA T=45 h=4 kv=2 d=24");
+        run_case(&full(3, 6, 2, 32), "GQA T=3 h=6 kv=2 d=32 (partial chunk)");
+    }
+
+    #[test]
+    fn prefix_lm_prefill_matches_reference() {
+        let mut case = full(50, 4, 1, 16);
+        case.opts.prefix_len = 30;
+        run_case(&case, "prefill T=50 prefix=30");
+        let mut case = full(130, 2, 2, 20);
+        case.opts.prefix_len = 70;
+        run_case(&case, "prefill T=130 prefix=70");
+    }
+
+    #[test]
+    fn decode_ignores_rows_past_kv_len() {
+        for garbage in [1e30, f32::NAN, f32::INFINITY] {
+            let case = Case {
+                opts: AttnOpts {
+                    heads: 8,
+                    kv_heads: 1,
+                    head_dim: 32,
+                    scale: 32f32.powf(-0.5),
+                    q_rows: 1,
+                    q_pos0: 40,
+                    kv_len: 41,
+                    prefix_len: 30,
+                },
+                kv_rows: 64,
+                garbage,
+                qk_scale: 1.0,
+            };
+            run_case(&case, &format!("decode garbage {garbage}"));
+        }
+        // Decode at a position inside the prefix's second key block, MHA.
+        let mut case = full(1, 4, 4, 12);
+        case.opts.q_pos0 = 99;
+        case.opts.kv_len = 100;
+        case.opts.prefix_len = 20;
+        case.kv_rows = 128;
+        case.garbage = 1e30;
+        run_case(&case, "decode pos 99");
+    }
+
+    #[test]
+    fn large_scores_stay_finite() {
+        // Entries up to 6 over 12 dims, scale 1: scores spread ~±40 and reach past ±100, where
+        // exp overflows f32 without the max subtraction.
+        let mut case = full(37, 2, 2, 12);
+        case.opts.scale = 1.0;
+        case.qk_scale = 6.0;
+        let q = rand_vec(37 * 24, 6.0, 11);
+        let k = rand_vec(37 * 24, 6.0, 12);
+        let top = (0..37 * 2)
+            .flat_map(|a| (0..37).map(move |r| (a, r * 2 + a % 2)))
+            .map(|(a, b)| (0..12).map(|d| q[a * 12 + d] * k[b * 12 + d]).sum::<f32>().abs())
+            .fold(0.0f32, f32::max);
+        assert!(top > 100.0, "largest score {top}");
+        let got = run_case(&case, "large scores");
+        assert!(got.iter().all(|x| x.is_finite()));
+        let mut case = full(100, 2, 1, 64);
+        case.opts.scale = 0.125;
+        case.qk_scale = 6.0;
+        case.opts.prefix_len = 10;
+        run_case(&case, "large scores causal");
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        let gpu = gpu_with_limit(None);
+        let t = |name: &str, rows: usize, cols: usize| {
+            Tensor::zeros(&gpu, name, &[rows, cols]).unwrap()
+        };
+        let base = full(8, 4, 2, 16).opts;
+        let (q, kv, o) = (t("q", 8, 64), t("k", 8, 32), t("o", 8, 64));
+        let err = |opts: AttnOpts, k: &Tensor, out: &Tensor| {
+            let mut rec = Recorder::new(&gpu);
+            attention(&mut rec, &q, k, &kv, out, &opts).unwrap_err().to_string()
+        };
+        let e = err(AttnOpts { heads: 4, kv_heads: 3, ..base }, &kv, &o);
+        assert!(e.contains("not a multiple of kv_heads"), "{e}");
+        let e = err(AttnOpts { head_dim: 300, heads: 1, kv_heads: 1, ..base }, &kv, &o);
+        assert!(e.contains("head_dim = 300"), "{e}");
+        let e = err(base, &t("k", 8, 24), &o);
+        assert!(e.contains("k has 24 columns, expected 32"), "{e}");
+        let e = err(base, &kv, &t("o", 8, 60));
+        assert!(e.contains("expected 64"), "{e}");
+        let e = err(AttnOpts { kv_len: 9, prefix_len: 9, ..base }, &kv, &o);
+        assert!(e.contains("kv_len = 9"), "{e}");
+        let e = err(AttnOpts { q_pos0: 3, ..base }, &kv, &o);
+        assert!(e.contains("reach past kv_len"), "{e}");
+        let e = err(AttnOpts { prefix_len: 9, ..base }, &kv, &o);
+        assert!(e.contains("prefix_len"), "{e}");
+        let e = err(base, &kv, &q);
+        assert!(e.contains("aliases"), "{e}");
+    }
+}

@@ -1,0 +1,104 @@
+//! Prompts: `tokenizer.json` through the `tokenizers` crate, laid out exactly as HF
+//! `PaliGemmaProcessor` does: `<image>`×N, `<bos>`, the prompt text, `"\n"`.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::model::PaliGemmaConfig;
+use crate::{Error, Result};
+
+/// Tokenizes prompts and detokenizes answers.
+pub struct PromptProcessor {
+    tokenizer: Tokenizer,
+    image_token: u32,
+    bos: u32,
+    num_image_tokens: usize,
+}
+
+impl PromptProcessor {
+    /// Load `dir/tokenizer.json` for a model with `config`.
+    pub fn from_dir(dir: &Path, config: &PaliGemmaConfig) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::Model(format!(
+                "{} is missing: the tokenizer ships with every PaliGemma checkpoint on the Hub",
+                path.display()
+            )));
+        }
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        Ok(PromptProcessor {
+            tokenizer,
+            image_token: config.image_token_index,
+            bos: config.bos_token_id,
+            num_image_tokens: config.num_image_tokens(),
+        })
+    }
+
+    /// The model input ids for `prompt`: image placeholders, `<bos>`, the prompt and `"\n"`.
+    /// A prompt that itself contains `<image>` is rejected: the engine adds the image tokens.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        let text = self.tokenize(&format!("{prompt}\n"))?;
+        if text.contains(&self.image_token) {
+            return Err(Error::Request(
+                "the prompt contains the <image> token; pass the image separately, the engine \
+                 inserts the image tokens itself"
+                    .into(),
+            ));
+        }
+        let mut ids = vec![self.image_token; self.num_image_tokens];
+        ids.push(self.bos);
+        ids.extend(text);
+        Ok(ids)
+    }
+
+    /// Token ids of `text` without any special tokens added.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Request(format!("cannot tokenize the prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids` with special tokens (`<bos>`, `<eos>`, `<pad>`) dropped; `<locNNNN>`
+    /// and `<segNNN>` are ordinary tokens and are kept.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Request(format!("cannot detokenize: {e}")))
+    }
+
+    /// The token string of `id`, if any.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    /// The number of image placeholder tokens a prompt starts with.
+    pub fn num_image_tokens(&self) -> usize {
+        self.num_image_tokens
+    }
+}
+
+/// Turns a growing list of token ids into text deltas for streaming, holding back an
+/// incomplete UTF-8 sequence (byte-fallback tokens) until it is complete.
+#[derive(Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextStream {
+    /// Add a token; returns the new text, if any.
+    pub fn push(&mut self, processor: &PromptProcessor, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = processor.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(None);
+        }
+        let delta = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(delta))
+    }
+}
