@@ -38,7 +38,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Request(format!("top-p {} must be in (0, 1]", self.top_p)));
+            return Err(Error::Request(format!(
+                "top-p {} must be in (0, 1]",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -146,7 +149,10 @@ impl Sampler {
             order.truncate(self.params.top_k);
         }
         let max = logits[order[0]] / t;
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] / t - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] / t - max) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         if self.params.top_p < 1.0 {
             let mut cum = 0.0;
@@ -186,7 +192,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Log-softmax of `logits` at `id`, and the `k` best (id, log-probability) pairs.
 pub fn logprobs(logits: &[f32], id: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max as f64 + logits.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln();
+    let lse = max as f64
+        + logits
+            .iter()
+            .map(|v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
     let lp = |i: usize| (logits[i] as f64 - lse) as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     if k > 0 {

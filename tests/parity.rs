@@ -38,7 +38,10 @@ fn read_f32(path: PathBuf) -> npy::NpyArray<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn ref_pixels(model: &str, img: &str) -> PixelValues {
@@ -73,13 +76,19 @@ fn check_vision(model: &str, limit: Option<u64>, tol: f32) {
             };
             let err = max_abs_diff(&got, &want.data);
             let scale = want.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            assert!(err <= tol * scale.max(1.0), "{model} {img} after {layers} layers: max abs diff {err} (values up to {scale})");
+            assert!(
+                err <= tol * scale.max(1.0),
+                "{model} {img} after {layers} layers: max abs diff {err} (values up to {scale})"
+            );
         }
         let got = tower.encode(&gpu, &ref_pixels(model, img)).unwrap();
         let want = r("image_features");
         let err = max_abs_diff(&got, &want.data);
         eprintln!("{model} {img} limit {limit:?}: image features max abs diff {err:.2e}");
-        assert!(err <= tol, "{model} {img}: image features max abs diff {err} > {tol}");
+        assert!(
+            err <= tol,
+            "{model} {img}: image features max abs diff {err} > {tol}"
+        );
     }
 }
 
@@ -93,11 +102,18 @@ fn check_generation(model: &str, limit: Option<u64>) {
     let pg = PaliGemma::load_on(gpu(limit), &dir, false).unwrap();
     for (img, file, prompt) in PAIRS {
         let r = |s: &str| dir.join(format!("ref/{img}_{s}.npy"));
-        let want_ids: Vec<u32> = npy::read_i64(&r("input_ids")).unwrap().data.iter().map(|&x| x as u32).collect();
+        let want_ids: Vec<u32> = npy::read_i64(&r("input_ids"))
+            .unwrap()
+            .data
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
         let ids = pg.prompts().unwrap().encode(prompt).unwrap();
         assert_eq!(ids, want_ids, "{model}: prompt ids for {prompt:?}");
         let pixels = if file.ends_with(".png") {
-            pg.images.load(&fixtures().join("images").join(file)).unwrap()
+            pg.images
+                .load(&fixtures().join("images").join(file))
+                .unwrap()
         } else {
             ref_pixels(model, img)
         };
@@ -107,8 +123,15 @@ fn check_generation(model: &str, limit: Option<u64>) {
             stop_at_eos: false,
             ..Default::default()
         };
-        let out = pg.generate_ids(&pixels, &ids, &options, &mut |_| {}).unwrap();
-        let gen: Vec<u32> = npy::read_i64(&r("gen_ids")).unwrap().data.iter().map(|&x| x as u32).collect();
+        let out = pg
+            .generate_ids(&pixels, &ids, &options, &mut |_| {})
+            .unwrap();
+        let gen: Vec<u32> = npy::read_i64(&r("gen_ids"))
+            .unwrap()
+            .data
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
         let top_ids = npy::read_i64(&r("gen_top_ids")).unwrap().data;
         let top_lp = read_f32(r("gen_top_logprobs")).data;
         assert_eq!(out.token_ids, gen, "{model} {img}: greedy ids");
@@ -125,11 +148,17 @@ fn check_generation(model: &str, limit: Option<u64>) {
                     .map(|o| (top_lp[s * 5 + o] - want).abs())
                     .fold(f32::INFINITY, f32::min);
                 if gap > 0.02 {
-                    assert_eq!(*id as i64, top_ids[s * 5 + j], "{model} {img}: step {s} top-{j} id");
+                    assert_eq!(
+                        *id as i64,
+                        top_ids[s * 5 + j],
+                        "{model} {img}: step {s} top-{j} id"
+                    );
                 }
             }
         }
-        eprintln!("{model} {img} limit {limit:?}: 20 ids equal, top-5 logprob max diff {worst:.2e}");
+        eprintln!(
+            "{model} {img} limit {limit:?}: 20 ids equal, top-5 logprob max diff {worst:.2e}"
+        );
         assert!(worst <= 0.02, "{model} {img}: top-5 logprob diff {worst}");
         let text = std::fs::read_to_string(dir.join(format!("ref/{img}_gen_text.txt"))).unwrap();
         assert_eq!(out.text, text, "{model} {img}: decoded text");

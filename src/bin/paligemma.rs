@@ -11,7 +11,11 @@ use paligemma::gpu::{Gpu, GpuOptions};
 use paligemma::model::{resolve_model_dir, ImageEncoder, PaliGemma};
 
 #[derive(Parser)]
-#[command(name = "paligemma", version, about = "PaliGemma vision-language inference on any GPU (wgpu)")]
+#[command(
+    name = "paligemma",
+    version,
+    about = "PaliGemma vision-language inference on any GPU (wgpu)"
+)]
 struct Cli {
     /// Log more (adapter features, limits, timings); repeat for debug output.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -88,7 +92,10 @@ fn run(cli: Cli) -> Result<()> {
             let encoder = ImageEncoder::load_on(gpu, &dir, true)?;
             let pixels = encoder.images.load(&image)?;
             let features = encoder.encode(&pixels)?;
-            let shape = [encoder.config.num_image_tokens(), encoder.config.projection_dim];
+            let shape = [
+                encoder.config.num_image_tokens(),
+                encoder.config.projection_dim,
+            ];
             paligemma::npy::write_f32(&out, &shape, &features)?;
             eprintln!("wrote {} {:?}", out.display(), shape);
         }
@@ -130,7 +137,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut result = model.generate(&pixels, &prompt, &options, &mut on_text)?;
             result.timings.load_s = model.load_seconds();
             if json {
-                println!("{}", serde_json::to_string(&result).context("serialising the result")?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&result).context("serialising the result")?
+                );
             } else {
                 println!();
                 log::info!("timings: {:?}", result.timings);

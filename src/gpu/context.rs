@@ -1,5 +1,6 @@
 //! Adapter selection and device creation.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::pipeline::PipelineCache;
@@ -26,6 +27,7 @@ pub struct Gpu {
     adapter_features: wgpu::Features,
     weight_chunk_bytes: u64,
     pub(crate) pipelines: PipelineCache,
+    bytes_created: AtomicU64,
 }
 
 const NO_ADAPTER_HELP: &str = "no GPU adapter found. paligemma needs Vulkan, Metal or DX12. \
@@ -133,6 +135,7 @@ impl Gpu {
             adapter_features,
             weight_chunk_bytes,
             pipelines: PipelineCache::default(),
+            bytes_created: AtomicU64::new(0),
         }))
     }
 
@@ -166,6 +169,20 @@ impl Gpu {
         self.weight_chunk_bytes
     }
 
+    /// Create a buffer, adding its size to [`Gpu::bytes_created`]. Every buffer of the crate
+    /// goes through here.
+    pub fn create_buffer(&self, desc: &wgpu::BufferDescriptor) -> wgpu::Buffer {
+        self.bytes_created.fetch_add(desc.size, Ordering::Relaxed);
+        self.device.create_buffer(desc)
+    }
+
+    /// Total size in bytes of all buffers created so far through [`Gpu::create_buffer`]
+    /// (freed buffers are not subtracted): the difference across a load or a request is the
+    /// GPU memory it allocated.
+    pub fn bytes_created(&self) -> u64 {
+        self.bytes_created.load(Ordering::Relaxed)
+    }
+
     /// Block until all submitted work is done.
     pub fn wait(&self) -> Result<()> {
         self.device
@@ -176,7 +193,7 @@ impl Gpu {
 
     /// Copy `len` bytes of `buffer` starting at `offset` back to the host.
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: len,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,

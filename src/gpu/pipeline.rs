@@ -1,7 +1,9 @@
 //! Compute pipelines, created once per (shader, entry point, override constants).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{shaders, Gpu};
 use crate::{Error, Result};
@@ -41,6 +43,7 @@ impl KernelKey {
 pub(crate) struct PipelineCache {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
+    create_nanos: AtomicU64,
 }
 
 impl Gpu {
@@ -50,6 +53,7 @@ impl Gpu {
         if let Some(p) = cache.pipelines.lock().expect("pipeline cache").get(key) {
             return Ok(p.clone());
         }
+        let start = Instant::now();
         let module = {
             let mut modules = cache.modules.lock().expect("shader cache");
             match modules.get(key.shader) {
@@ -95,10 +99,21 @@ impl Gpu {
         }
         let pipeline = Arc::new(pipeline);
         cache
+            .create_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        cache
             .pipelines
             .lock()
             .expect("pipeline cache")
             .insert(key.clone(), pipeline.clone());
         Ok(pipeline)
+    }
+
+    /// Number of pipelines created so far and the wall time spent creating them (shader
+    /// modules included). Drivers may defer part of the compilation to a kernel's first run.
+    pub fn pipeline_stats(&self) -> (usize, Duration) {
+        let count = self.pipelines.pipelines.lock().expect("pipeline cache").len();
+        let nanos = self.pipelines.create_nanos.load(Ordering::Relaxed);
+        (count, Duration::from_nanos(nanos))
     }
 }

@@ -101,7 +101,7 @@ impl<'g> Recorder<'g> {
     pub fn finish(self) -> Result<Plan> {
         let gpu = self.gpu;
         let size = self.params.len().max(16).div_ceil(16) * 16;
-        let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        let params = gpu.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: size as u64,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -145,11 +145,7 @@ impl<'g> Recorder<'g> {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("creating bind groups: {err}")));
         }
-        Ok(Plan {
-            params,
-            host,
-            ops,
-        })
+        Ok(Plan { params, host, ops })
     }
 
     /// Finish, submit and wait for completion.
@@ -194,7 +190,11 @@ impl Plan {
         if bytes.len() != op.param_size {
             return Err(Error::kernel(
                 op.key.entry,
-                format!("parameter size {} != recorded {}", bytes.len(), op.param_size),
+                format!(
+                    "parameter size {} != recorded {}",
+                    bytes.len(),
+                    op.param_size
+                ),
             ));
         }
         self.host[op.param_offset..op.param_offset + bytes.len()].copy_from_slice(bytes);
@@ -212,7 +212,9 @@ impl Plan {
         gpu.queue.write_buffer(&self.params, 0, &self.host);
         let mut encoder = gpu
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("plan") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("plan"),
+            });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("plan"),

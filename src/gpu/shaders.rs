@@ -4,11 +4,15 @@
 pub const ALL: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
-    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
     ("embed", include_str!("../../shaders/embed.wgsl")),
     ("patch", include_str!("../../shaders/patch.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("probe", include_str!("../../shaders/probe.wgsl")),
 ];
 
 /// The source of the shader called `name`.
@@ -42,7 +46,10 @@ mod tests {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "wgsl") {
                 let stem = path.file_stem().unwrap().to_str().unwrap();
-                assert!(super::source(stem).is_some(), "{stem}.wgsl is not in shaders::ALL");
+                assert!(
+                    super::source(stem).is_some(),
+                    "{stem}.wgsl is not in shaders::ALL"
+                );
             }
         }
     }

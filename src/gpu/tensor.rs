@@ -83,7 +83,7 @@ impl Tensor {
                 ),
             ));
         }
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        let buffer = gpu.create_buffer(&wgpu::BufferDescriptor {
             label: Some(name),
             size: bytes,
             usage: ACTIVATION_USAGE,
@@ -108,7 +108,11 @@ impl Tensor {
         if data.len() != t.numel() {
             return Err(Error::tensor(
                 name,
-                format!("shape {shape:?} needs {} values, got {}", t.numel(), data.len()),
+                format!(
+                    "shape {shape:?} needs {} values, got {}",
+                    t.numel(),
+                    data.len()
+                ),
             ));
         }
         gpu.queue
@@ -122,7 +126,11 @@ impl Tensor {
         if data.len() != t.numel() {
             return Err(Error::tensor(
                 name,
-                format!("shape {shape:?} needs {} values, got {}", t.numel(), data.len()),
+                format!(
+                    "shape {shape:?} needs {} values, got {}",
+                    t.numel(),
+                    data.len()
+                ),
             ));
         }
         t.dtype = DType::U32;
@@ -159,7 +167,7 @@ impl Tensor {
         let mut row_start = 0;
         while row_start < rows {
             let n = rows_per_chunk.min(rows - row_start);
-            let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            let buffer = gpu.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(name),
                 size: n as u64 * row_bytes,
                 usage: ACTIVATION_USAGE,
@@ -198,7 +206,11 @@ impl Tensor {
         if data.len() != rows * cols {
             return Err(Error::tensor(
                 name,
-                format!("shape {shape:?} needs {} values, got {}", rows * cols, data.len()),
+                format!(
+                    "shape {shape:?} needs {} values, got {}",
+                    rows * cols,
+                    data.len()
+                ),
             ));
         }
         Self::weight_f16(gpu, name, shape, |r, dst| {
@@ -231,7 +243,10 @@ impl Tensor {
 
     /// The last dimension.
     pub fn cols(&self) -> usize {
-        *self.shape.last().expect("tensors have at least one dimension")
+        *self
+            .shape
+            .last()
+            .expect("tensors have at least one dimension")
     }
 
     /// The product of all dimensions but the last.
@@ -257,12 +272,30 @@ impl Tensor {
 
     /// Read the tensor back as f32 values in row-major order (padding removed).
     pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.read_rows(gpu, 0, self.rows())
+    }
+
+    /// Read rows `start..start + count` back as f32 values (padding removed), touching only
+    /// the chunks that hold them.
+    pub fn read_rows(&self, gpu: &Gpu, start: usize, count: usize) -> Result<Vec<f32>> {
+        if start + count > self.rows() {
+            return Err(Error::tensor(
+                &self.name,
+                format!("rows {start}..{} outside {} rows", start + count, self.rows()),
+            ));
+        }
         let cols = self.cols();
-        let mut out = Vec::with_capacity(self.numel());
+        let row_bytes = (self.row_stride * self.dtype.size()) as u64;
+        let mut out = Vec::with_capacity(count * cols);
         for chunk in &self.chunks {
-            let bytes = (chunk.rows * self.row_stride * self.dtype.size()) as u64;
-            let raw = gpu.read_bytes(&chunk.buffer, 0, bytes)?;
-            for r in 0..chunk.rows {
+            let lo = start.max(chunk.row_start);
+            let hi = (start + count).min(chunk.row_start + chunk.rows);
+            if lo >= hi {
+                continue;
+            }
+            let offset = (lo - chunk.row_start) as u64 * row_bytes;
+            let raw = gpu.read_bytes(&chunk.buffer, offset, (hi - lo) as u64 * row_bytes)?;
+            for r in 0..hi - lo {
                 let row = r * self.row_stride;
                 match self.dtype {
                     DType::F32 => {

@@ -85,7 +85,10 @@ impl Fields<'_> {
         match self.obj.and_then(|o| o.get(key)) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                Error::Model(format!("config.json: {}{key} = {v} is not a non-negative integer", self.section))
+                Error::Model(format!(
+                    "config.json: {}{key} = {v} is not a non-negative integer",
+                    self.section
+                ))
             }),
         }
     }
@@ -94,7 +97,10 @@ impl Fields<'_> {
         match self.obj.and_then(|o| o.get(key)) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
-                Error::Model(format!("config.json: {}{key} = {v} is not a number", self.section))
+                Error::Model(format!(
+                    "config.json: {}{key} = {v} is not a number",
+                    self.section
+                ))
             }),
         }
     }
@@ -120,7 +126,11 @@ fn check_act(section: &str, act: &str) -> Result<()> {
 fn ids(v: Option<&Value>, default: &[u32]) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => default.to_vec(),
     }
 }
@@ -261,9 +271,12 @@ impl PaliGemmaConfig {
             }
         }
         if v.num_channels != 3 {
-            return err(format!("vision_config.num_channels = {} (only RGB is supported)", v.num_channels));
+            return err(format!(
+                "vision_config.num_channels = {} (only RGB is supported)",
+                v.num_channels
+            ));
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return err(format!(
                 "vision_config.hidden_size {} is not divisible by num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
@@ -272,20 +285,23 @@ impl PaliGemmaConfig {
         if v.hidden_size / v.num_attention_heads > 256 || t.head_dim > 256 {
             return err("head dimensions above 256 are not supported".into());
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return err(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
             ));
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return err(format!(
                 "text_config.num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 t.num_attention_heads, t.num_key_value_heads
             ));
         }
-        if t.head_dim % 2 != 0 {
-            return err(format!("text_config.head_dim {} is odd (RoPE needs pairs)", t.head_dim));
+        if !t.head_dim.is_multiple_of(2) {
+            return err(format!(
+                "text_config.head_dim {} is odd (RoPE needs pairs)",
+                t.head_dim
+            ));
         }
         if self.projection_dim != t.hidden_size {
             return err(format!(
@@ -351,17 +367,23 @@ mod tests {
 
     #[test]
     fn bad_configs_are_named() {
-        let zero_heads = PUBLISHED_224.replace("\"num_attention_heads\": 8", "\"num_attention_heads\": 0");
-        let e = PaliGemmaConfig::from_json(&zero_heads).unwrap_err().to_string();
+        let zero_heads =
+            PUBLISHED_224.replace("\"num_attention_heads\": 8", "\"num_attention_heads\": 0");
+        let e = PaliGemmaConfig::from_json(&zero_heads)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("text_config.num_attention_heads is 0"), "{e}");
         let gqa = PUBLISHED_224.replace("\"num_key_value_heads\": 1", "\"num_key_value_heads\": 3");
         let e = PaliGemmaConfig::from_json(&gqa).unwrap_err().to_string();
         assert!(e.contains("not a multiple of num_key_value_heads 3"), "{e}");
-        let e = PaliGemmaConfig::from_json("[1, 2]").unwrap_err().to_string();
+        let e = PaliGemmaConfig::from_json("[1, 2]")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a JSON object"), "{e}");
         let e = PaliGemmaConfig::from_json("{").unwrap_err().to_string();
         assert!(e.contains("not valid JSON"), "{e}");
-        let llama = PUBLISHED_224.replace("\"model_type\": \"paligemma\"", "\"model_type\": \"llama\"");
+        let llama =
+            PUBLISHED_224.replace("\"model_type\": \"paligemma\"", "\"model_type\": \"llama\"");
         assert!(PaliGemmaConfig::from_json(&llama).is_err());
     }
 }

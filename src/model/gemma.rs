@@ -92,6 +92,12 @@ impl Sequence {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// The final-normed hidden state of the last processed position `[1, hidden]` (the
+    /// LM head's input).
+    pub fn last_hidden(&self) -> &Tensor {
+        &self.last
+    }
 }
 
 impl Gemma {
@@ -100,7 +106,11 @@ impl Gemma {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let qd = cfg.num_attention_heads * cfg.head_dim;
         let kvd = cfg.num_key_value_heads * cfg.head_dim;
-        let embed = ck.matrix(gpu, &format!("{PREFIX}embed_tokens.weight"), &[cfg.vocab_size, h])?;
+        let embed = ck.matrix(
+            gpu,
+            &format!("{PREFIX}embed_tokens.weight"),
+            &[cfg.vocab_size, h],
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let n = |s: &str| format!("{PREFIX}layers.{l}.{s}");
@@ -165,8 +175,16 @@ impl Gemma {
         let mut k_cache = Vec::with_capacity(self.layers.len());
         let mut v_cache = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
-            k_cache.push(Tensor::zeros(gpu, &format!("k_cache.{l}"), &[capacity, kvd])?);
-            v_cache.push(Tensor::zeros(gpu, &format!("v_cache.{l}"), &[capacity, kvd])?);
+            k_cache.push(Tensor::zeros(
+                gpu,
+                &format!("k_cache.{l}"),
+                &[capacity, kvd],
+            )?);
+            v_cache.push(Tensor::zeros(
+                gpu,
+                &format!("v_cache.{l}"),
+                &[capacity, kvd],
+            )?);
         }
         Ok(Sequence {
             capacity,
@@ -215,7 +233,15 @@ impl Gemma {
         gpu.queue
             .write_buffer(seq.prefill.ids.buffer(), 0, bytemuck::cast_slice(ids));
         let scale = (self.cfg.hidden_size as f32).sqrt();
-        embed(rec, &self.embed, &seq.prefill.ids, &seq.prefill.x, 0, scale, Combine::Store)?;
+        embed(
+            rec,
+            &self.embed,
+            &seq.prefill.ids,
+            &seq.prefill.x,
+            0,
+            scale,
+            Combine::Store,
+        )?;
         if let Some(f) = image_features {
             if f.rows() > ids.len() {
                 return Err(Error::Request(format!(
@@ -245,7 +271,15 @@ impl Gemma {
             .queue
             .write_buffer(seq.step.ids.buffer(), 0, bytemuck::bytes_of(&id));
         let scale = (self.cfg.hidden_size as f32).sqrt();
-        embed(rec, &self.embed, &seq.step.ids, &seq.step.x, 0, scale, Combine::Store)?;
+        embed(
+            rec,
+            &self.embed,
+            &seq.step.ids,
+            &seq.step.x,
+            0,
+            scale,
+            Combine::Store,
+        )?;
         self.record_layers(rec, seq, true)?;
         seq.len += 1;
         Ok(())
@@ -295,9 +329,30 @@ impl Gemma {
                     out_row,
                     rows: Some(n),
                 };
-                linear(rec, &a.h, &layer.gate, None, &a.gate, block(Act::GeluTanh, Combine::Store, r0, 0))?;
-                linear(rec, &a.h, &layer.up, None, &a.gate, block(Act::None, Combine::Mul, r0, 0))?;
-                linear(rec, &a.gate, &layer.down, None, &a.x, block(Act::None, Combine::Add, 0, r0))?;
+                linear(
+                    rec,
+                    &a.h,
+                    &layer.gate,
+                    None,
+                    &a.gate,
+                    block(Act::GeluTanh, Combine::Store, r0, 0),
+                )?;
+                linear(
+                    rec,
+                    &a.h,
+                    &layer.up,
+                    None,
+                    &a.gate,
+                    block(Act::None, Combine::Mul, r0, 0),
+                )?;
+                linear(
+                    rec,
+                    &a.gate,
+                    &layer.down,
+                    None,
+                    &a.x,
+                    block(Act::None, Combine::Add, 0, r0),
+                )?;
             }
         }
         let last = NormOpts {

@@ -49,7 +49,9 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
                repository) and pass --model with the downloaded directory";
     let parts: Vec<&str> = spec.split('/').collect();
     if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || path.exists() {
-        return Err(Error::Model(format!("{spec} is not a model directory; {how}")));
+        return Err(Error::Model(format!(
+            "{spec} is not a model directory; {how}"
+        )));
     }
     let hub = match std::env::var_os("HF_HUB_CACHE") {
         Some(dir) => PathBuf::from(dir),
@@ -114,7 +116,10 @@ fn image_processor(dir: &Path, config: &PaliGemmaConfig) -> Result<ImageProcesso
 
 fn open_checkpoint(dir: &Path, progress: bool) -> Result<(PaliGemmaConfig, Checkpoint)> {
     if !dir.is_dir() {
-        return Err(Error::Model(format!("{} is not a directory", dir.display())));
+        return Err(Error::Model(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
     }
     let config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
     let mut ck = Checkpoint::open(dir)?;
@@ -180,7 +185,9 @@ impl PaliGemma {
         let vision = VisionTower::load(&ck, &gpu, &config)?;
         let text = Gemma::load(&ck, &gpu, &config.text)?;
         Ok(PaliGemma {
-            images: ImageProcessor::new(PreprocessorConfig::paligemma(config.vision.image_size as u32)),
+            images: ImageProcessor::new(PreprocessorConfig::paligemma(
+                config.vision.image_size as u32,
+            )),
             gpu,
             config,
             vision,
@@ -256,7 +263,11 @@ impl PaliGemma {
             )));
         }
         let n_img = self.config.num_image_tokens();
-        if ids.len() <= n_img || ids[..n_img].iter().any(|&i| i != self.config.image_token_index) {
+        if ids.len() <= n_img
+            || ids[..n_img]
+                .iter()
+                .any(|&i| i != self.config.image_token_index)
+        {
             return Err(Error::Request(format!(
                 "the prompt must start with {n_img} image tokens followed by text"
             )));
@@ -278,7 +289,8 @@ impl PaliGemma {
         let t1 = Instant::now();
         let mut seq = self.text.sequence(gpu, ids.len(), options.max_new_tokens)?;
         let mut rec = Recorder::new(gpu);
-        self.text.record_prefill(&mut rec, &mut seq, ids, Some(&va.features))?;
+        self.text
+            .record_prefill(&mut rec, &mut seq, ids, Some(&va.features))?;
         rec.run()?;
         let mut logits = seq.logits.read(gpu)?;
         timings.prefill_s = t1.elapsed().as_secs_f64();

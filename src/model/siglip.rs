@@ -39,7 +39,14 @@ impl Linear {
         })
     }
 
-    fn record(&self, rec: &mut Recorder, x: &Tensor, out: &Tensor, act: Act, combine: Combine) -> Result<()> {
+    fn record(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        out: &Tensor,
+        act: Act,
+        combine: Combine,
+    ) -> Result<()> {
         let opts = LinearOpts {
             act,
             combine,
@@ -132,7 +139,13 @@ impl VisionTower {
             });
         }
         let post = LayerNorm::load(ck, gpu, &format!("{PREFIX}post_layernorm"), d)?;
-        let proj = Linear::load(ck, gpu, "multi_modal_projector.linear", config.projection_dim, &[d])?;
+        let proj = Linear::load(
+            ck,
+            gpu,
+            "multi_modal_projector.linear",
+            config.projection_dim,
+            &[d],
+        )?;
         Ok(VisionTower {
             cfg: c.clone(),
             eps: c.layer_norm_eps,
@@ -154,7 +167,12 @@ impl VisionTower {
     /// Allocate the activations for one image.
     pub fn activations(&self, gpu: &Gpu) -> Result<VisionActivations> {
         let c = &self.cfg;
-        let (n, d, s, p) = (self.num_patches(), c.hidden_size, c.image_size, c.patch_size);
+        let (n, d, s, p) = (
+            self.num_patches(),
+            c.hidden_size,
+            c.image_size,
+            c.patch_size,
+        );
         let ids: Vec<u32> = (0..n as u32).collect();
         Ok(VisionActivations {
             pixels: Tensor::zeros(gpu, "pixels", &[3, s, s])?,
@@ -173,13 +191,20 @@ impl VisionTower {
 
     /// Record the embeddings and the first `layers` encoder layers; with `finish`, also the
     /// post-LayerNorm and the projector (into `a.features`). The residual stream is `a.x`.
-    pub fn record(&self, rec: &mut Recorder, a: &VisionActivations, layers: usize, finish: bool) -> Result<()> {
+    pub fn record(
+        &self,
+        rec: &mut Recorder,
+        a: &VisionActivations,
+        layers: usize,
+        finish: bool,
+    ) -> Result<()> {
         let c = &self.cfg;
         let heads = c.num_attention_heads;
         let head_dim = c.hidden_size / heads;
         let n = self.num_patches();
         im2col(rec, &a.pixels, &a.patches, c.patch_size)?;
-        self.patch.record(rec, &a.patches, &a.x, Act::None, Combine::Store)?;
+        self.patch
+            .record(rec, &a.patches, &a.x, Act::None, Combine::Store)?;
         embed(rec, &self.pos, &a.pos_ids, &a.x, 0, 1.0, Combine::Add)?;
         let attn_opts = AttnOpts {
             heads,
@@ -192,19 +217,50 @@ impl VisionTower {
             prefix_len: n,
         };
         for layer in &self.layers[..layers.min(self.layers.len())] {
-            layer_norm(rec, &a.x, &layer.ln1.weight, &layer.ln1.bias, &a.h, self.eps, NormOpts::default())?;
+            layer_norm(
+                rec,
+                &a.x,
+                &layer.ln1.weight,
+                &layer.ln1.bias,
+                &a.h,
+                self.eps,
+                NormOpts::default(),
+            )?;
             layer.q.record(rec, &a.h, &a.q, Act::None, Combine::Store)?;
             layer.k.record(rec, &a.h, &a.k, Act::None, Combine::Store)?;
             layer.v.record(rec, &a.h, &a.v, Act::None, Combine::Store)?;
             attention(rec, &a.q, &a.k, &a.v, &a.attn, &attn_opts)?;
-            layer.o.record(rec, &a.attn, &a.x, Act::None, Combine::Add)?;
-            layer_norm(rec, &a.x, &layer.ln2.weight, &layer.ln2.bias, &a.h, self.eps, NormOpts::default())?;
-            layer.fc1.record(rec, &a.h, &a.mlp, Act::GeluTanh, Combine::Store)?;
-            layer.fc2.record(rec, &a.mlp, &a.x, Act::None, Combine::Add)?;
+            layer
+                .o
+                .record(rec, &a.attn, &a.x, Act::None, Combine::Add)?;
+            layer_norm(
+                rec,
+                &a.x,
+                &layer.ln2.weight,
+                &layer.ln2.bias,
+                &a.h,
+                self.eps,
+                NormOpts::default(),
+            )?;
+            layer
+                .fc1
+                .record(rec, &a.h, &a.mlp, Act::GeluTanh, Combine::Store)?;
+            layer
+                .fc2
+                .record(rec, &a.mlp, &a.x, Act::None, Combine::Add)?;
         }
         if finish {
-            layer_norm(rec, &a.x, &self.post.weight, &self.post.bias, &a.h, self.eps, NormOpts::default())?;
-            self.proj.record(rec, &a.h, &a.features, Act::None, Combine::Store)?;
+            layer_norm(
+                rec,
+                &a.x,
+                &self.post.weight,
+                &self.post.bias,
+                &a.h,
+                self.eps,
+                NormOpts::default(),
+            )?;
+            self.proj
+                .record(rec, &a.h, &a.features, Act::None, Combine::Store)?;
         }
         Ok(())
     }

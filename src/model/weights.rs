@@ -126,8 +126,12 @@ impl Checkpoint {
         for shard in shard_names {
             let path = dir.join(&shard);
             let mmap = map_file(&path)?;
-            let (header, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::Model(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+            let (header, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                Error::Model(format!(
+                    "{}: not a valid safetensors file: {e}",
+                    path.display()
+                ))
+            })?;
             let base = 8 + header;
             for (name, info) in meta.tensors() {
                 let canonical = canonical_name(&name);
@@ -204,7 +208,10 @@ impl Checkpoint {
         let e = self.tensors.get(name).ok_or_else(|| {
             Error::tensor(
                 name,
-                format!("missing from the checkpoint in {}", self.files[0].0.parent().unwrap_or(Path::new(".")).display()),
+                format!(
+                    "missing from the checkpoint in {}",
+                    self.files[0].0.parent().unwrap_or(Path::new(".")).display()
+                ),
             )
         })?;
         if e.shape != shape {
@@ -216,7 +223,10 @@ impl Checkpoint {
         if !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
             return Err(Error::tensor(
                 &e.original,
-                format!("has dtype {:?}; only F32, BF16 and F16 are supported", e.dtype),
+                format!(
+                    "has dtype {:?}; only F32, BF16 and F16 are supported",
+                    e.dtype
+                ),
             ));
         }
         Ok(e)
@@ -233,7 +243,13 @@ impl Checkpoint {
     }
 
     /// Convert `src` (little-endian values of `dtype`) into `dst`.
-    fn convert<T>(dtype: Dtype, src: &[u8], dst: &mut [T], from_f32: impl Fn(f32) -> T, from_f16: impl Fn(f16) -> T) {
+    fn convert<T>(
+        dtype: Dtype,
+        src: &[u8],
+        dst: &mut [T],
+        from_f32: impl Fn(f32) -> T,
+        from_f16: impl Fn(f16) -> T,
+    ) {
         match dtype {
             Dtype::F32 => {
                 for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
@@ -262,7 +278,8 @@ impl Checkpoint {
             let scale = (cols as f32).powf(-0.5);
             return Tensor::weight_f16(gpu, name, &[rows, cols], |r, dst| {
                 let mut v = SyntheticValues::new(name, seed, r);
-                dst.iter_mut().for_each(|d| *d = f16::from_f32(v.next(scale)));
+                dst.iter_mut()
+                    .for_each(|d| *d = f16::from_f32(v.next(scale)));
                 Ok(())
             });
         }
@@ -310,12 +327,24 @@ mod tests {
     fn names_from_every_transformers_generation_agree() {
         let published = "vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight";
         assert_eq!(canonical_name(published), published);
-        assert_eq!(canonical_name("vision_tower.encoder.layers.3.mlp.fc1.weight"), published);
-        assert_eq!(canonical_name("model.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight"), published);
+        assert_eq!(
+            canonical_name("vision_tower.encoder.layers.3.mlp.fc1.weight"),
+            published
+        );
+        assert_eq!(
+            canonical_name("model.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight"),
+            published
+        );
         let lm = "language_model.model.layers.0.self_attn.q_proj.weight";
         assert_eq!(canonical_name(lm), lm);
-        assert_eq!(canonical_name("model.language_model.layers.0.self_attn.q_proj.weight"), lm);
-        assert_eq!(canonical_name("model.multi_modal_projector.linear.bias"), "multi_modal_projector.linear.bias");
+        assert_eq!(
+            canonical_name("model.language_model.layers.0.self_attn.q_proj.weight"),
+            lm
+        );
+        assert_eq!(
+            canonical_name("model.multi_modal_projector.linear.bias"),
+            "multi_modal_projector.linear.bias"
+        );
         assert_eq!(canonical_name("lm_head.weight"), "lm_head.weight");
     }
 }

@@ -10,14 +10,46 @@
 //! `q_pos0` the position, `kv_len = q_pos0 + 1`).
 
 use super::{check, u32_arg};
-use crate::gpu::{DType, KernelKey, Recorder, Tensor};
+use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
 use crate::Result;
 
-/// Largest supported head dimension (the shader's workgroup query buffer).
+/// Largest supported head dimension (the shader's query buffers).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Query vectors `(row, head)` handled by one workgroup (the shader's `NQ`).
-const QUERIES_PER_WORKGROUP: usize = 4;
+/// The shader's two entry points (same math, same parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// `attention`: 64 threads cooperate on 4 query vectors (GPUs).
+    Workgroup,
+    /// `attention_lanes`: one query vector per thread, uniform K/V loads (CPU drivers, where
+    /// it is about 4x faster on lavapipe).
+    Lanes,
+}
+
+impl Kernel {
+    fn for_gpu(gpu: &Gpu) -> Self {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            Kernel::Lanes
+        } else {
+            Kernel::Workgroup
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            Kernel::Workgroup => "attention",
+            Kernel::Lanes => "attention_lanes",
+        }
+    }
+
+    /// Query vectors per workgroup (the shader's `NQ` and `LQ`).
+    fn queries_per_workgroup(self) -> usize {
+        match self {
+            Kernel::Workgroup => 4,
+            Kernel::Lanes => 64,
+        }
+    }
+}
 
 /// Shape and mask of an [`attention`] launch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,18 +112,39 @@ pub fn attention(
     out: &Tensor,
     opts: &AttnOpts,
 ) -> Result<()> {
+    let kernel = Kernel::for_gpu(rec.gpu());
+    attention_with(rec, q, k, v, out, opts, kernel)
+}
+
+fn attention_with(
+    rec: &mut Recorder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    opts: &AttnOpts,
+    kernel: Kernel,
+) -> Result<()> {
     const K: &str = "attention";
     let o = opts;
     check(o.heads > 0 && o.kv_heads > 0, K, || {
-        format!("heads = {} and kv_heads = {} must be positive", o.heads, o.kv_heads)
+        format!(
+            "heads = {} and kv_heads = {} must be positive",
+            o.heads, o.kv_heads
+        )
     })?;
     check(o.heads % o.kv_heads == 0, K, || {
-        format!("heads = {} is not a multiple of kv_heads = {}", o.heads, o.kv_heads)
+        format!(
+            "heads = {} is not a multiple of kv_heads = {}",
+            o.heads, o.kv_heads
+        )
     })?;
     check((1..=MAX_HEAD_DIM).contains(&o.head_dim), K, || {
         format!("head_dim = {} outside 1..={MAX_HEAD_DIM}", o.head_dim)
     })?;
-    check(o.scale.is_finite(), K, || format!("scale = {} is not finite", o.scale))?;
+    check(o.scale.is_finite(), K, || {
+        format!("scale = {} is not finite", o.scale)
+    })?;
     for t in [q, k, v, out] {
         check(t.dtype() == DType::F32 && t.chunks().len() == 1, K, || {
             format!("{} must be a single-buffer f32 tensor", t.name())
@@ -113,13 +166,23 @@ pub fn attention(
     check(o.q_rows > 0, K, || "q_rows = 0".into())?;
     for t in [q, out] {
         check(o.q_rows <= t.rows(), K, || {
-            format!("q_rows = {} but {} has {} rows", o.q_rows, t.name(), t.rows())
+            format!(
+                "q_rows = {} but {} has {} rows",
+                o.q_rows,
+                t.name(),
+                t.rows()
+            )
         })?;
     }
     check(o.kv_len > 0, K, || "kv_len = 0".into())?;
     for t in [k, v] {
         check(o.kv_len <= t.rows(), K, || {
-            format!("kv_len = {} but {} has {} rows", o.kv_len, t.name(), t.rows())
+            format!(
+                "kv_len = {} but {} has {} rows",
+                o.kv_len,
+                t.name(),
+                t.rows()
+            )
         })?;
     }
     check(o.q_pos0 + o.q_rows <= o.kv_len, K, || {
@@ -131,16 +194,22 @@ pub fn attention(
         )
     })?;
     check(o.prefix_len <= o.kv_len, K, || {
-        format!("prefix_len = {} exceeds kv_len = {}", o.prefix_len, o.kv_len)
+        format!(
+            "prefix_len = {} exceeds kv_len = {}",
+            o.prefix_len, o.kv_len
+        )
     })?;
     for t in [q, k, v] {
         check(t.buffer() != out.buffer(), K, || {
             format!("out {} aliases input {}", out.name(), t.name())
         })?;
     }
+    for t in [q, k, v, out] {
+        u32_arg(K, t.name(), t.numel())?;
+    }
 
     let group = o.heads / o.kv_heads;
-    let chunks = (o.q_rows * group).div_ceil(QUERIES_PER_WORKGROUP);
+    let chunks = (o.q_rows * group).div_ceil(kernel.queries_per_workgroup());
     let count = u32_arg(K, "workgroups", chunks * o.kv_heads)?;
     let params = Params {
         heads: u32_arg(K, "heads", o.heads)?,
@@ -158,9 +227,7 @@ pub fn attention(
         scale: o.scale,
         pad: [0; 3],
     };
-    // Largest flat index the shader forms.
-    u32_arg(K, "q size", q.numel().max(k.numel()).max(v.numel()))?;
-    let key = KernelKey::new("attention", "attention");
+    let key = KernelKey::new("attention", kernel.entry());
     let grid = rec.grid(count);
     let buffers = [q.buffer(), k.buffer(), v.buffer(), out.buffer()];
     rec.dispatch(&key, &params, &buffers, grid)?;
@@ -238,8 +305,8 @@ mod tests {
         }
     }
 
-    /// Run `case` on the GPU and the reference; return the GPU output.
-    fn run_case(case: &Case, what: &str) -> Vec<f32> {
+    /// Run `case` with both kernels and the reference; check and return the GPU outputs.
+    fn run_case(case: &Case, what: &str) -> Vec<Vec<f32>> {
         let gpu = gpu_with_limit(None);
         let o = &case.opts;
         let (qw, kvw) = (o.heads * o.head_dim, o.kv_heads * o.head_dim);
@@ -248,20 +315,25 @@ mod tests {
         let mut v = rand_vec(case.kv_rows * kvw, 1.0, 13);
         k[o.kv_len * kvw..].fill(case.garbage);
         v[o.kv_len * kvw..].fill(case.garbage);
-        let qt = Tensor::from_f32(&gpu, "q", &[o.q_rows, qw], &q).unwrap();
-        let kt = Tensor::from_f32(&gpu, "k", &[case.kv_rows, kvw], &k).unwrap();
-        let vt = Tensor::from_f32(&gpu, "v", &[case.kv_rows, kvw], &v).unwrap();
-        let ot = Tensor::from_f32(&gpu, "out", &[o.q_rows, qw], &vec![f32::NAN; o.q_rows * qw])
-            .unwrap();
-        let mut rec = Recorder::new(&gpu);
-        attention(&mut rec, &qt, &kt, &vt, &ot, o).unwrap();
-        rec.run().unwrap();
-        let got = ot.read(&gpu).unwrap();
         let mut want = vec![0.0; o.q_rows * qw];
         attention_ref(&q, &k[..o.kv_len * kvw], &v[..o.kv_len * kvw], &mut want, o);
         assert!(want.iter().all(|x| x.is_finite()), "{what}: reference not finite");
-        assert_close(&got, &want, 1e-4, what);
-        got
+        let qt = Tensor::from_f32(&gpu, "q", &[o.q_rows, qw], &q).unwrap();
+        let kt = Tensor::from_f32(&gpu, "k", &[case.kv_rows, kvw], &k).unwrap();
+        let vt = Tensor::from_f32(&gpu, "v", &[case.kv_rows, kvw], &v).unwrap();
+        [Kernel::Workgroup, Kernel::Lanes]
+            .into_iter()
+            .map(|kernel| {
+                let nan = vec![f32::NAN; o.q_rows * qw];
+                let ot = Tensor::from_f32(&gpu, "out", &[o.q_rows, qw], &nan).unwrap();
+                let mut rec = Recorder::new(&gpu);
+                attention_with(&mut rec, &qt, &kt, &vt, &ot, o, kernel).unwrap();
+                rec.run().unwrap();
+                let got = ot.read(&gpu).unwrap();
+                assert_close(&got, &want, 1e-4, &format!("{what} ({kernel:?})"));
+                got
+            })
+            .collect()
     }
 
     /// The mask exactly as specified, with f64 softmax: checks [`attention_ref`] itself.
@@ -302,9 +374,13 @@ mod tests {
 
     #[test]
     fn reference_applies_the_specified_mask() {
-        for (q_rows, q_pos0, kv_len, prefix_len) in
-            [(20, 0, 20, 20), (20, 0, 20, 7), (1, 15, 16, 9), (3, 10, 13, 12), (4, 0, 20, 0)]
-        {
+        for (q_rows, q_pos0, kv_len, prefix_len) in [
+            (20, 0, 20, 20),
+            (20, 0, 20, 7),
+            (1, 15, 16, 9),
+            (3, 10, 13, 12),
+            (4, 0, 20, 0),
+        ] {
             let o = AttnOpts {
                 heads: 4,
                 kv_heads: 2,
@@ -389,11 +465,17 @@ mod tests {
         let k = rand_vec(37 * 24, 6.0, 12);
         let top = (0..37 * 2)
             .flat_map(|a| (0..37).map(move |r| (a, r * 2 + a % 2)))
-            .map(|(a, b)| (0..12).map(|d| q[a * 12 + d] * k[b * 12 + d]).sum::<f32>().abs())
+            .map(|(a, b)| {
+                (0..12)
+                    .map(|d| q[a * 12 + d] * k[b * 12 + d])
+                    .sum::<f32>()
+                    .abs()
+            })
             .fold(0.0f32, f32::max);
         assert!(top > 100.0, "largest score {top}");
-        let got = run_case(&case, "large scores");
-        assert!(got.iter().all(|x| x.is_finite()));
+        for got in run_case(&case, "large scores") {
+            assert!(got.iter().all(|x| x.is_finite()));
+        }
         let mut case = full(100, 2, 1, 64);
         case.opts.scale = 0.125;
         case.qk_scale = 6.0;
@@ -411,21 +493,55 @@ mod tests {
         let (q, kv, o) = (t("q", 8, 64), t("k", 8, 32), t("o", 8, 64));
         let err = |opts: AttnOpts, k: &Tensor, out: &Tensor| {
             let mut rec = Recorder::new(&gpu);
-            attention(&mut rec, &q, k, &kv, out, &opts).unwrap_err().to_string()
+            attention(&mut rec, &q, k, &kv, out, &opts)
+                .unwrap_err()
+                .to_string()
         };
-        let e = err(AttnOpts { heads: 4, kv_heads: 3, ..base }, &kv, &o);
+        let e = err(
+            AttnOpts {
+                heads: 4,
+                kv_heads: 3,
+                ..base
+            },
+            &kv,
+            &o,
+        );
         assert!(e.contains("not a multiple of kv_heads"), "{e}");
-        let e = err(AttnOpts { head_dim: 300, heads: 1, kv_heads: 1, ..base }, &kv, &o);
+        let e = err(
+            AttnOpts {
+                head_dim: 300,
+                heads: 1,
+                kv_heads: 1,
+                ..base
+            },
+            &kv,
+            &o,
+        );
         assert!(e.contains("head_dim = 300"), "{e}");
         let e = err(base, &t("k", 8, 24), &o);
         assert!(e.contains("k has 24 columns, expected 32"), "{e}");
         let e = err(base, &kv, &t("o", 8, 60));
         assert!(e.contains("expected 64"), "{e}");
-        let e = err(AttnOpts { kv_len: 9, prefix_len: 9, ..base }, &kv, &o);
+        let e = err(
+            AttnOpts {
+                kv_len: 9,
+                prefix_len: 9,
+                ..base
+            },
+            &kv,
+            &o,
+        );
         assert!(e.contains("kv_len = 9"), "{e}");
         let e = err(AttnOpts { q_pos0: 3, ..base }, &kv, &o);
         assert!(e.contains("reach past kv_len"), "{e}");
-        let e = err(AttnOpts { prefix_len: 9, ..base }, &kv, &o);
+        let e = err(
+            AttnOpts {
+                prefix_len: 9,
+                ..base
+            },
+            &kv,
+            &o,
+        );
         assert!(e.contains("prefix_len"), "{e}");
         let e = err(base, &kv, &q);
         assert!(e.contains("aliases"), "{e}");

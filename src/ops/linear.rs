@@ -53,21 +53,45 @@ pub fn linear(
     const K: &str = "linear";
     let (n, k) = (w.rows(), w.cols());
     let m = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
-    check(w.dtype() == DType::F16, K, || format!("{} must be f16", w.name()))?;
-    check(x.dtype() == DType::F32 && out.dtype() == DType::F32, K, || {
-        "x and out must be f32".into()
+    check(w.dtype() == DType::F16, K, || {
+        format!("{} must be f16", w.name())
     })?;
+    check(
+        x.dtype() == DType::F32 && out.dtype() == DType::F32,
+        K,
+        || "x and out must be f32".into(),
+    )?;
     check(x.cols() == k, K, || {
-        format!("{} has {} columns, weight {} expects {k}", x.name(), x.cols(), w.name())
+        format!(
+            "{} has {} columns, weight {} expects {k}",
+            x.name(),
+            x.cols(),
+            w.name()
+        )
     })?;
     check(out.cols() == n, K, || {
-        format!("{} has {} columns, weight {} gives {n}", out.name(), out.cols(), w.name())
+        format!(
+            "{} has {} columns, weight {} gives {n}",
+            out.name(),
+            out.cols(),
+            w.name()
+        )
     })?;
     check(m > 0 && opts.x_row + m <= x.rows(), K, || {
-        format!("rows {}..{} outside {}", opts.x_row, opts.x_row + m, x.name())
+        format!(
+            "rows {}..{} outside {}",
+            opts.x_row,
+            opts.x_row + m,
+            x.name()
+        )
     })?;
     check(opts.out_row + m <= out.rows(), K, || {
-        format!("rows {}..{} outside {}", opts.out_row, opts.out_row + m, out.name())
+        format!(
+            "rows {}..{} outside {}",
+            opts.out_row,
+            opts.out_row + m,
+            out.name()
+        )
     })?;
     if let Some(b) = bias {
         check(b.numel() == n && b.dtype() == DType::F32, K, || {
@@ -134,7 +158,15 @@ mod tests {
     use super::*;
     use crate::ops::testutil::{assert_close, gpu_with_limit, rand_vec, round_f16};
 
-    fn run_case(limit: Option<u64>, m: usize, n: usize, k: usize, bias: bool, act: Act, combine: Combine) {
+    fn run_case(
+        limit: Option<u64>,
+        m: usize,
+        n: usize,
+        k: usize,
+        bias: bool,
+        act: Act,
+        combine: Combine,
+    ) {
         let gpu = gpu_with_limit(limit);
         let x = rand_vec(m * k, 1.0, 1);
         let w = round_f16(&rand_vec(n * k, 0.5, 2));
@@ -148,13 +180,32 @@ mod tests {
             assert!(wt.chunks().len() > 1 || (n * k.div_ceil(8) * 16) as u64 <= l);
         }
         let mut rec = Recorder::new(&gpu);
-        let opts = LinearOpts { act, combine, ..Default::default() };
+        let opts = LinearOpts {
+            act,
+            combine,
+            ..Default::default()
+        };
         linear(&mut rec, &xt, &wt, bias.then_some(&bt), &ot, opts).unwrap();
         rec.run().unwrap();
         let got = ot.read(&gpu).unwrap();
         let mut want = init.clone();
-        linear_ref(&x, &w, bias.then_some(&b[..]), m, n, k, act, combine, &mut want);
-        assert_close(&got, &want, 1e-4, &format!("linear m={m} n={n} k={k} {act:?} {combine:?}"));
+        linear_ref(
+            &x,
+            &w,
+            bias.then_some(&b[..]),
+            m,
+            n,
+            k,
+            act,
+            combine,
+            &mut want,
+        );
+        assert_close(
+            &got,
+            &want,
+            1e-4,
+            &format!("linear m={m} n={n} k={k} {act:?} {combine:?}"),
+        );
     }
 
     #[test]

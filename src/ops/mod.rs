@@ -1,13 +1,13 @@
 //! One typed launcher per WGSL kernel family, each beside a plain-Rust reference of the same
 //! math that the tests compare against.
 
-pub mod linear;
-pub mod norm;
+pub mod attention;
 pub mod elementwise;
 pub mod embed;
+pub mod linear;
+pub mod norm;
 pub mod patch;
 pub mod rope;
-pub mod attention;
 
 #[cfg(test)]
 pub(crate) mod testutil;

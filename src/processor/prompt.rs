@@ -94,7 +94,10 @@ impl TextStream {
     pub fn push(&mut self, processor: &PromptProcessor, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let text = processor.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(None);
         }
         let delta = text[self.emitted..].to_string();

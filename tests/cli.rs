@@ -1,0 +1,240 @@
+//! The `paligemma` binary end to end: outputs against the HF fixtures, and every kind of bad
+//! input giving a clear message and a non-zero exit (never a panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use paligemma::npy;
+use safetensors::SafeTensors;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn model() -> PathBuf {
+    fixtures().join("models/tiny-mqa-f32")
+}
+
+fn image(name: &str) -> PathBuf {
+    fixtures().join("images").join(name)
+}
+
+fn run(args: &[&str], envs: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_paligemma"));
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Assert a clean failure: exit code 1, an `error:` line containing every `needle`, no panic.
+fn assert_fails(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "expected exit 1, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains("error:"), "no error line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("paligemma-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// A copy of the fixture model.
+    fn model_copy(tag: &str) -> Self {
+        let t = Self::new(tag);
+        for entry in std::fs::read_dir(model()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, t.0.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        t
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Rewrite `model.safetensors` in `dir` through `edit(name, shape, bytes)`, which may drop a
+/// tensor (None) or change it.
+type Edited = Option<(Vec<usize>, Vec<u8>)>;
+
+fn rewrite_weights(dir: &Path, edit: impl Fn(&str, &[usize], &[u8]) -> Edited) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept = Vec::new();
+    for (name, view) in st.tensors() {
+        if let Some((shape, data)) = edit(&name, view.shape(), view.data()) {
+            kept.push((name, view.dtype(), shape, data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+const FC1_BIAS: &str = "vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias";
+
+#[test]
+fn encode_image_matches_hf_on_both_binding_paths() {
+    let tmp = TempDir::new("encode");
+    let out = tmp.0.join("features.npy");
+    let want = npy::read_f32(&model().join("ref/astronaut_image_features.npy")).unwrap();
+    let (m, img) = (model(), image("astronaut.png"));
+    for extra in [&[][..], &["--max-binding", "65536"][..]] {
+        let mut args = vec!["encode-image", "--model", m.to_str().unwrap()];
+        args.extend_from_slice(&["--image", img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let o = run(&args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("adapter:"), "the adapter is named on stderr");
+        let got = npy::read_f32(&out).unwrap();
+        assert_eq!(got.shape, vec![256, 64]);
+        let err = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(err <= 2e-3, "max abs diff {err} with {extra:?}");
+    }
+}
+
+#[test]
+fn generate_json_matches_hf_greedy_ids() {
+    let o = run(
+        &[
+            "generate", "--model", model().to_str().unwrap(), "--image",
+            image("astronaut.png").to_str().unwrap(), "--prompt", "caption en",
+            "--max-new-tokens", "20", "--json", "--top-logprobs", "3",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+    let ids: Vec<i64> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    let want = npy::read_i64(&model().join("ref/astronaut_gen_ids.npy")).unwrap().data;
+    assert_eq!(ids, want);
+    assert_eq!(v["prompt_tokens"], 260);
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 20);
+    assert_eq!(steps[0]["top"].as_array().unwrap().len(), 3);
+    assert_eq!(steps[0]["top"][0][0], steps[0]["id"]);
+    for key in ["load_s", "vision_s", "prefill_s", "decode_tok_s"] {
+        assert!(v["timings"][key].as_f64().unwrap() >= 0.0, "{key}");
+    }
+    let text = std::fs::read_to_string(model().join("ref/astronaut_gen_text.txt")).unwrap();
+    assert_eq!(v["text"], text);
+}
+
+#[test]
+fn model_resolves_from_the_hugging_face_cache() {
+    let home = TempDir::new("hfhome");
+    let snap = home.0.join("hub/models--acme--tiny/snapshots/0123abc");
+    std::fs::create_dir_all(&snap).unwrap();
+    for entry in std::fs::read_dir(model()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let img = image("astronaut.png");
+    let args = ["generate", "--model", "acme/tiny", "--image", img.to_str().unwrap(), "--prompt", "caption en", "--max-new-tokens", "3"];
+    let o = run(&args, &[("HF_HOME", &home.0)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["generate", "--model", "acme/missing", "--image", "x.png", "--prompt", "p"], &[("HF_HOME", &home.0)]);
+    assert_fails(&o, &["acme/missing", "not in the local Hugging Face cache", "download"]);
+}
+
+#[test]
+fn bad_model_directories_are_named() {
+    let o = run(&["encode-image", "--model", "/nonexistent/model", "--image", "a.png", "--out", "o.npy"], &[]);
+    assert_fails(&o, &["/nonexistent/model", "not a model directory"]);
+
+    let missing = TempDir::model_copy("missing-tensor");
+    rewrite_weights(&missing.0, |n, s, b| (n != FC1_BIAS).then(|| (s.to_vec(), b.to_vec())));
+    let o = run(&["encode-image", "--model", missing.path(), "--image", image("astronaut.png").to_str().unwrap(), "--out", "o.npy"], &[]);
+    assert_fails(&o, &[FC1_BIAS, "missing"]);
+
+    let shape = TempDir::model_copy("wrong-shape");
+    rewrite_weights(&shape.0, |n, s, b| {
+        if n == FC1_BIAS {
+            Some((vec![s[0] - 1], b[..b.len() - 4].to_vec()))
+        } else {
+            Some((s.to_vec(), b.to_vec()))
+        }
+    });
+    let o = run(&["encode-image", "--model", shape.path(), "--image", image("astronaut.png").to_str().unwrap(), "--out", "o.npy"], &[]);
+    assert_fails(&o, &[FC1_BIAS, "has shape [95]", "[96]"]);
+
+    let short = TempDir::model_copy("short");
+    let path = short.0.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
+    let o = run(&["encode-image", "--model", short.path(), "--image", image("astronaut.png").to_str().unwrap(), "--out", "o.npy"], &[]);
+    assert_fails(&o, &["model.safetensors", "not a valid safetensors file"]);
+
+    let zero = TempDir::model_copy("zero-heads");
+    let cfg = std::fs::read_to_string(zero.0.join("config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let mut v = v;
+    v["text_config"]["num_attention_heads"] = 0.into();
+    std::fs::write(zero.0.join("config.json"), v.to_string()).unwrap();
+    let o = run(&["generate", "--model", zero.path(), "--image", image("astronaut.png").to_str().unwrap(), "--prompt", "caption en"], &[]);
+    assert_fails(&o, &["config.json", "num_attention_heads is 0"]);
+
+    let notok = TempDir::model_copy("no-tokenizer");
+    std::fs::remove_file(notok.0.join("tokenizer.json")).unwrap();
+    let o = run(&["generate", "--model", notok.path(), "--image", image("astronaut.png").to_str().unwrap(), "--prompt", "caption en"], &[]);
+    assert_fails(&o, &["tokenizer.json is missing"]);
+}
+
+#[test]
+fn bad_images_are_named() {
+    for (file, needle) in [
+        ("not_an_image.png", "not_an_image.png"),
+        ("truncated.png", "truncated.png"),
+        ("huge_header.png", "30000x30000"),
+        ("does_not_exist.png", "does_not_exist.png"),
+    ] {
+        let o = run(&["encode-image", "--model", model().to_str().unwrap(), "--image", image(file).to_str().unwrap(), "--out", "/tmp/never.npy"], &[]);
+        assert_fails(&o, &[needle]);
+    }
+}
+
+#[test]
+fn bad_requests_are_explained() {
+    let m = model();
+    let img = image("astronaut.png");
+    let base = ["generate", "--model", m.to_str().unwrap(), "--image", img.to_str().unwrap()];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        run(&a, &[])
+    };
+    assert_fails(&with(&["--prompt", "caption <image> en"]), &["<image>"]);
+    assert_fails(&with(&["--prompt", "caption en", "--max-new-tokens", "10000000"]), &["10000000", "8192 positions"]);
+    assert_fails(&with(&["--prompt", "caption en", "--max-new-tokens", "0"]), &["at least 1"]);
+    assert_fails(&with(&["--prompt", "caption en", "--top-p", "0"]), &["top-p"]);
+    let long = "a ".repeat(9000);
+    assert_fails(&with(&["--prompt", &long, "--max-new-tokens", "1"]), &["8192 positions"]);
+}
