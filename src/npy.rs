@@ -125,17 +125,24 @@ fn elements<const N: usize>(path: &Path, h: &Header, bytes: &[u8]) -> Result<Vec
 
 /// Read an array of `<f4`, `<f8` or `<f2` values as f32.
 pub fn read_f32(path: &Path) -> Result<NpyArray<f32>> {
-    let (h, bytes) = read_raw(path)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_f32(path, &bytes)
+}
+
+/// Parse the bytes of a `.npy` file holding `<f4`, `<f8` or `<f2` values as f32 (e.g. an
+/// entry of an `.npz` archive); `path` names the data in error messages.
+pub fn parse_f32(path: &Path, bytes: &[u8]) -> Result<NpyArray<f32>> {
+    let h = parse_header(path, bytes)?;
     let data = match h.descr.as_str() {
-        "<f4" => elements::<4>(path, &h, &bytes)?
+        "<f4" => elements::<4>(path, &h, bytes)?
             .into_iter()
             .map(f32::from_le_bytes)
             .collect(),
-        "<f8" => elements::<8>(path, &h, &bytes)?
+        "<f8" => elements::<8>(path, &h, bytes)?
             .into_iter()
             .map(|b| f64::from_le_bytes(b) as f32)
             .collect(),
-        "<f2" => elements::<2>(path, &h, &bytes)?
+        "<f2" => elements::<2>(path, &h, bytes)?
             .into_iter()
             .map(|b| half::f16::from_le_bytes(b).to_f32())
             .collect(),

@@ -124,7 +124,7 @@ fn check_generation(model: &str, limit: Option<u64>) {
             ..Default::default()
         };
         let out = pg
-            .generate_ids(&pixels, &ids, &options, &mut |_| {})
+            .generate_ids(&pixels, &ids, &options, &mut |_| true)
             .unwrap();
         let gen: Vec<u32> = npy::read_i64(&r("gen_ids"))
             .unwrap()

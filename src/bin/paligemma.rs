@@ -74,6 +74,31 @@ enum Command {
         #[arg(long, default_value_t = 0, value_name = "K")]
         top_logprobs: usize,
     },
+    /// Measure cold start, time to first token, prefill and decode throughput against device
+    /// probes, on a checkpoint or a synthetic model of PaliGemma-3B-224 shapes.
+    Bench {
+        /// Checkpoint directory or org/name; default: synthetic random f16 weights.
+        #[arg(long)]
+        model: Option<String>,
+        /// Layers in each tower of the synthetic model.
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        /// Prompt text tokens after the image tokens and <bos> (9: 266 tokens at 224 px).
+        #[arg(long, default_value_t = 9)]
+        text_tokens: usize,
+        /// Decode steps to time.
+        #[arg(long, default_value_t = 16)]
+        decode_steps: usize,
+        /// Skip the model; run the device probes only.
+        #[arg(long, conflicts_with = "no_probes")]
+        probes_only: bool,
+        /// Skip the device probes.
+        #[arg(long)]
+        no_probes: bool,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
@@ -133,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
                     let _ = write!(stdout, "{t}");
                     let _ = stdout.flush();
                 }
+                true
             };
             let mut result = model.generate(&pixels, &prompt, &options, &mut on_text)?;
             result.timings.load_s = model.load_seconds();
@@ -144,6 +170,35 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!();
                 log::info!("timings: {:?}", result.timings);
+            }
+        }
+        Command::Bench {
+            model,
+            layers,
+            text_tokens,
+            decode_steps,
+            probes_only,
+            no_probes,
+            json,
+        } => {
+            let options = paligemma::bench::BenchOptions {
+                model: model.map(|m| resolve_model_dir(&m)).transpose()?,
+                layers,
+                text_tokens,
+                decode_steps,
+                run_model: !probes_only,
+                probes: !no_probes,
+                ..Default::default()
+            };
+            let gpu = open_gpu(cli.max_binding)?;
+            let report = paligemma::bench::run(&gpu, &options)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).context("serialising the report")?
+                );
+            } else {
+                print!("{}", report.table());
             }
         }
     }

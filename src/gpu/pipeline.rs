@@ -112,7 +112,12 @@ impl Gpu {
     /// Number of pipelines created so far and the wall time spent creating them (shader
     /// modules included). Drivers may defer part of the compilation to a kernel's first run.
     pub fn pipeline_stats(&self) -> (usize, Duration) {
-        let count = self.pipelines.pipelines.lock().expect("pipeline cache").len();
+        let count = self
+            .pipelines
+            .pipelines
+            .lock()
+            .expect("pipeline cache")
+            .len();
         let nanos = self.pipelines.create_nanos.load(Ordering::Relaxed);
         (count, Duration::from_nanos(nanos))
     }

@@ -12,6 +12,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("patch", include_str!("../../shaders/patch.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("conv", include_str!("../../shaders/conv.wgsl")),
     ("probe", include_str!("../../shaders/probe.wgsl")),
 ];
 

@@ -15,6 +15,39 @@ use crate::processor::image::{ImageProcessor, PixelValues, PreprocessorConfig};
 use crate::processor::prompt::{PromptProcessor, TextStream};
 use crate::{Error, Result};
 
+/// What a [`GenerationStream`] yields.
+#[derive(Debug)]
+pub enum Event {
+    /// A new piece of the answer.
+    Text(String),
+    /// The request finished (or failed); always the last event.
+    Done(Box<Result<Generation>>),
+}
+
+/// The events of a streamed request; see [`PaliGemma::generate_stream`].
+pub struct GenerationStream {
+    rx: futures::channel::mpsc::UnboundedReceiver<Event>,
+}
+
+impl futures::Stream for GenerationStream {
+    type Item = Event;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        std::pin::Pin::new(&mut self.rx).poll_next(cx)
+    }
+}
+
+impl Iterator for GenerationStream {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        futures::executor::block_on(futures::StreamExt::next(&mut self.rx))
+    }
+}
+
 /// Options for loading a model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -229,16 +262,54 @@ impl PaliGemma {
     }
 
     /// Answer `prompt` about the image, calling `on_text` with each new piece of text as it
-    /// is generated.
+    /// is generated; `on_text` returning `false` stops the generation there.
     pub fn generate(
         &self,
         pixels: &PixelValues,
         prompt: &str,
         options: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         let ids = self.prompts()?.encode(prompt)?;
         self.generate_ids(pixels, &ids, options, on_text)
+    }
+
+    /// Run a request on a worker thread and stream its text: the returned
+    /// [`GenerationStream`] is both a blocking [`Iterator`] and an async
+    /// [`futures::Stream`] of [`Event`]s, ending with [`Event::Done`]. Dropping it cancels the
+    /// request after the current token. Many requests may share one loaded model; they run
+    /// one after another on the GPU.
+    pub fn generate_stream(
+        self: &Arc<Self>,
+        pixels: PixelValues,
+        prompt: String,
+        options: GenerateOptions,
+    ) -> GenerationStream {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let model = Arc::clone(self);
+        std::thread::spawn(move || {
+            let mut on_text = |t: &str| tx.unbounded_send(Event::Text(t.to_string())).is_ok();
+            let result = model.generate(&pixels, &prompt, &options, &mut on_text);
+            let _ = tx.unbounded_send(Event::Done(Box::new(result)));
+        });
+        GenerationStream { rx }
+    }
+
+    /// Run a request on a worker thread without blocking the caller: resolves to the whole
+    /// [`Generation`].
+    pub async fn generate_async(
+        self: &Arc<Self>,
+        pixels: PixelValues,
+        prompt: String,
+        options: GenerateOptions,
+    ) -> Result<Generation> {
+        let mut stream = self.generate_stream(pixels, prompt, options);
+        while let Some(event) = futures::StreamExt::next(&mut stream).await {
+            if let Event::Done(result) = event {
+                return *result;
+            }
+        }
+        Err(Error::Gpu("the generation worker stopped without a result".into()))
     }
 
     /// As [`PaliGemma::generate`] with the prompt already tokenized (image placeholders
@@ -248,7 +319,7 @@ impl PaliGemma {
         pixels: &PixelValues,
         ids: &[u32],
         options: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         options.sampling.validate()?;
         if options.max_new_tokens == 0 {
@@ -309,12 +380,13 @@ impl PaliGemma {
             out.steps.push(Step { id, logprob, top });
             out.token_ids.push(id);
             let stop = options.stop_at_eos && eos.contains(&id);
+            let mut cancelled = false;
             if let (false, Some(prompts)) = (stop, &self.prompts) {
                 if let Some(delta) = stream.push(prompts, id)? {
-                    on_text(&delta);
+                    cancelled = !on_text(&delta);
                 }
             }
-            if stop || out.token_ids.len() >= options.max_new_tokens {
+            if stop || cancelled || out.token_ids.len() >= options.max_new_tokens {
                 break;
             }
             let mut rec = Recorder::new(gpu);

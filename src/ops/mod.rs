@@ -2,6 +2,7 @@
 //! math that the tests compare against.
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod embed;
 pub mod linear;

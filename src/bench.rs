@@ -1,0 +1,655 @@
+//! `paligemma bench`: end-to-end timings of one request (cold start, time to first token,
+//! vision encoder, prefill and decode throughput) on a checkpoint or on a synthetic model of
+//! PaliGemma-3B-224 shapes, with achieved FLOP/s and bytes/s counted analytically from the
+//! shapes, and two device probes (`shaders/probe.wgsl`: FMA throughput and storage-buffer
+//! read bandwidth) that every figure is compared against.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::generate::{GenerateOptions, Generation};
+use crate::gpu::{Gpu, KernelKey, Recorder, Tensor};
+use crate::model::{PaliGemma, PaliGemmaConfig, TextConfig};
+use crate::processor::image::PixelValues;
+use crate::{Error, Result};
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// A checkpoint directory; `None` builds a synthetic model (see [`synthetic_config`]).
+    pub model: Option<PathBuf>,
+    /// Layers of each tower of the synthetic model.
+    pub layers: usize,
+    /// Text tokens after the image tokens and `<bos>` (9 gives 266 prompt tokens at 224 px).
+    pub text_tokens: usize,
+    /// Decode steps timed after the first token.
+    pub decode_steps: usize,
+    /// Seed of the synthetic weights and pixels.
+    pub seed: u64,
+    /// Run the model (false: probes only).
+    pub run_model: bool,
+    /// Run the device probes.
+    pub probes: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            model: None,
+            layers: 2,
+            text_tokens: 9,
+            decode_steps: 16,
+            seed: 0,
+            run_model: true,
+            probes: true,
+        }
+    }
+}
+
+/// Arithmetic and memory traffic of a piece of work, counted from the shapes: a multiply-add
+/// is 2 FLOP; bytes are the f16 weight matrices read once, plus the KV cache for decode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Work {
+    /// Floating-point operations.
+    pub flop: f64,
+    /// Bytes read from weights (and KV cache).
+    pub bytes: f64,
+}
+
+impl std::ops::Add for Work {
+    type Output = Work;
+    fn add(self, o: Work) -> Work {
+        Work {
+            flop: self.flop + o.flop,
+            bytes: self.bytes + o.bytes,
+        }
+    }
+}
+
+/// Parameters of one decoder layer's matrices.
+fn decoder_layer_params(c: &TextConfig) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let qd = (c.num_attention_heads * c.head_dim) as f64;
+    let kvd = (c.num_key_value_heads * c.head_dim) as f64;
+    2.0 * h * qd + 2.0 * h * kvd + 3.0 * h * i
+}
+
+/// Work of the vision tower and projector for one image.
+pub fn vision_work(c: &PaliGemmaConfig) -> Work {
+    let v = &c.vision;
+    let n = c.num_image_tokens() as f64;
+    let (d, i) = (v.hidden_size as f64, v.intermediate_size as f64);
+    let patch = (v.num_channels * v.patch_size * v.patch_size) as f64 * d;
+    let layer = 4.0 * d * d + 2.0 * d * i;
+    let proj = d * c.projection_dim as f64;
+    let layers = v.num_hidden_layers as f64;
+    let params = patch + layers * layer + proj;
+    Work {
+        flop: 2.0 * n * params + layers * 4.0 * n * n * d,
+        bytes: 2.0 * (params + n * d),
+    }
+}
+
+/// Work of the prefill of `tokens` prompt positions (all in the bidirectional prefix), with
+/// the LM head for the last position.
+pub fn prefill_work(c: &TextConfig, tokens: usize) -> Work {
+    let t = tokens as f64;
+    let layers = c.num_hidden_layers as f64;
+    let layer = decoder_layer_params(c);
+    let attn = 4.0 * t * t * (c.num_attention_heads * c.head_dim) as f64;
+    let head = (c.vocab_size * c.hidden_size) as f64;
+    Work {
+        flop: layers * (2.0 * t * layer + attn) + 2.0 * head,
+        bytes: 2.0 * (layers * layer + head + t * c.hidden_size as f64),
+    }
+}
+
+/// Work of one decode step whose query sees `kv_len` keys (itself included).
+pub fn decode_work(c: &TextConfig, kv_len: usize) -> Work {
+    let l = kv_len as f64;
+    let layers = c.num_hidden_layers as f64;
+    let layer = decoder_layer_params(c);
+    let head = (c.vocab_size * c.hidden_size) as f64;
+    let kvd = (c.num_key_value_heads * c.head_dim) as f64;
+    Work {
+        flop: layers * (2.0 * layer + 4.0 * l * (c.num_attention_heads * c.head_dim) as f64)
+            + 2.0 * head,
+        bytes: 2.0 * (layers * layer + head + c.hidden_size as f64) + layers * 2.0 * l * kvd * 4.0,
+    }
+}
+
+/// PaliGemma-3B-224 shapes (SigLIP So400m: 1152 wide, MLP 4304, 16 heads, 14 px patches at
+/// 224 px; Gemma 2B: 2048 wide, MLP 16384, 8 query heads, 1 KV head of 256, vocabulary
+/// 257216) with `layers` layers in each tower.
+pub fn synthetic_config(layers: usize) -> Result<PaliGemmaConfig> {
+    PaliGemmaConfig::from_json(&format!(
+        r#"{{"model_type": "paligemma", "image_token_index": 257152, "projection_dim": 2048,
+            "text_config": {{"model_type": "gemma", "hidden_size": 2048,
+                "intermediate_size": 16384, "num_attention_heads": 8, "num_key_value_heads": 1,
+                "num_hidden_layers": {layers}, "vocab_size": 257216}},
+            "vision_config": {{"hidden_size": 1152, "intermediate_size": 4304,
+                "num_attention_heads": 16, "num_hidden_layers": {layers}, "patch_size": 14,
+                "image_size": 224}}}}"#
+    ))
+}
+
+/// Results of the device probes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Probes {
+    /// f32 FMA throughput, GFLOP/s (an FMA is 2 FLOP).
+    pub fma_gflops: f64,
+    /// Storage-buffer read bandwidth with vec4 loads, GB/s (10⁹ bytes).
+    pub read_gbs: f64,
+    /// Bytes of the buffer the read probe streams.
+    pub read_buffer_bytes: u64,
+}
+
+/// End-to-end figures of one benchmark run. Times are seconds, rates per second, sizes bytes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelReport {
+    /// What ran: the checkpoint directory or the synthetic shapes.
+    pub model: String,
+    /// Vision encoder layers.
+    pub vision_layers: usize,
+    /// Decoder layers.
+    pub text_layers: usize,
+    /// Vocabulary (rows of the LM head).
+    pub vocab: usize,
+    /// Building or loading the weights.
+    pub load_s: f64,
+    /// Compute pipelines created during the first request.
+    pub pipelines: usize,
+    /// Wall time spent creating them (shader modules included).
+    pub pipeline_create_s: f64,
+    /// Time to first token of the first request (every kernel's first run, so driver shader
+    /// compilation included): vision + prefill.
+    pub cold_ttft_s: f64,
+    /// Cold start: first request's time to first token minus the warm one's.
+    pub cold_start_s: f64,
+    /// Time to first token of a warm request: vision + prefill.
+    pub ttft_s: f64,
+    /// Vision tower and projector (warm).
+    pub vision_s: f64,
+    /// Prompt length, image tokens included.
+    pub prefill_tokens: usize,
+    /// Prefill up to the first token's logits (warm).
+    pub prefill_s: f64,
+    /// Prefill throughput.
+    pub prefill_tok_s: f64,
+    /// Decode steps timed.
+    pub decode_steps: usize,
+    /// Decode throughput (host sampling and logits readback included).
+    pub decode_tok_s: f64,
+    /// Analytic work of the vision tower.
+    pub vision_work: Work,
+    /// Analytic work of the prefill.
+    pub prefill_work: Work,
+    /// Analytic work of an average decode step.
+    pub decode_work: Work,
+    /// Achieved vision GFLOP/s.
+    pub vision_gflops: f64,
+    /// Achieved prefill GFLOP/s.
+    pub prefill_gflops: f64,
+    /// Achieved prefill GB/s (weights read once).
+    pub prefill_gbs: f64,
+    /// Achieved decode GFLOP/s.
+    pub decode_gflops: f64,
+    /// Achieved decode GB/s (weights and KV cache read once per step).
+    pub decode_gbs: f64,
+    /// Peak resident host memory (`VmHWM`), when the OS reports it. On CPU adapters such as
+    /// lavapipe the GPU buffers live in host memory and are included.
+    pub peak_rss_bytes: Option<u64>,
+    /// GPU buffers created for the weights.
+    pub gpu_weight_bytes: u64,
+    /// GPU buffers created by the first request (activations, KV cache, parameters,
+    /// readback); freed after it.
+    pub gpu_request_bytes: u64,
+}
+
+/// A whole benchmark: adapter, model figures and probes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BenchReport {
+    /// The adapter, as [`Gpu::describe`] says.
+    pub adapter: String,
+    /// The model run, unless probes only.
+    pub model: Option<ModelReport>,
+    /// The device probes, unless skipped.
+    pub probes: Option<Probes>,
+}
+
+/// Run the benchmark described by `opts` on `gpu`.
+pub fn run(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<BenchReport> {
+    let model = if opts.run_model {
+        Some(run_model(gpu, opts)?)
+    } else {
+        None
+    };
+    let probes = if opts.probes {
+        Some(run_probes(gpu)?)
+    } else {
+        None
+    };
+    Ok(BenchReport {
+        adapter: gpu.describe(),
+        model,
+        probes,
+    })
+}
+
+/// Seeded pixel values in [-1, 1] for a `size`×`size` image.
+fn random_pixels(size: usize, seed: u64) -> PixelValues {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data = (0..3 * size * size)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    PixelValues {
+        height: size,
+        width: size,
+        data,
+    }
+}
+
+fn generate(
+    model: &PaliGemma,
+    pixels: &PixelValues,
+    ids: &[u32],
+    new: usize,
+) -> Result<Generation> {
+    let options = GenerateOptions {
+        max_new_tokens: new,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    model.generate_ids(pixels, ids, &options, &mut |_| true)
+}
+
+/// Peak resident set size of this process (`VmHWM` in `/proc/self/status`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
+    if opts.decode_steps == 0 || opts.text_tokens == 0 {
+        return Err(Error::Request(
+            "bench needs at least one text token and one decode step".into(),
+        ));
+    }
+    let created = gpu.bytes_created();
+    let start = Instant::now();
+    let (model, label) = match &opts.model {
+        Some(dir) => (
+            PaliGemma::load_on(gpu.clone(), dir, true)?,
+            dir.display().to_string(),
+        ),
+        None => {
+            let config = synthetic_config(opts.layers)?;
+            let label = format!(
+                "synthetic PaliGemma-3B-224 shapes, random f16 weights, {} layers per tower",
+                opts.layers
+            );
+            (PaliGemma::synthetic(gpu.clone(), config, opts.seed)?, label)
+        }
+    };
+    let load_s = start.elapsed().as_secs_f64();
+    let gpu_weight_bytes = gpu.bytes_created() - created;
+    let config = model.config.clone();
+    let pixels = random_pixels(config.vision.image_size, opts.seed);
+    // Ordinary word-piece ids, well inside every PaliGemma vocabulary.
+    let text: Vec<u32> = (0..opts.text_tokens as u32)
+        .map(|i| 1000 + 37 * i)
+        .collect();
+    let ids = model.placeholder_prompt(&text);
+
+    // First request: every kernel runs for the first time. Two tokens, so the decode kernels
+    // are compiled too and the timed decode below is warm.
+    let (pipelines0, create0) = gpu.pipeline_stats();
+    let created = gpu.bytes_created();
+    let cold = generate(&model, &pixels, &ids, 2)?;
+    let gpu_request_bytes = gpu.bytes_created() - created;
+    let (pipelines1, create1) = gpu.pipeline_stats();
+    let cold_ttft_s = cold.timings.vision_s + cold.timings.prefill_s;
+
+    let warm = generate(&model, &pixels, &ids, opts.decode_steps + 1)?;
+    let t = &warm.timings;
+    let ttft_s = t.vision_s + t.prefill_s;
+    let peak_rss = peak_rss_bytes();
+
+    let vision = vision_work(&config);
+    let prefill = prefill_work(&config.text, ids.len());
+    let steps = opts.decode_steps;
+    let decode_total = (1..=steps).fold(Work::default(), |acc, j| {
+        acc + decode_work(&config.text, ids.len() + j)
+    });
+    let decode = Work {
+        flop: decode_total.flop / steps as f64,
+        bytes: decode_total.bytes / steps as f64,
+    };
+    Ok(ModelReport {
+        model: label,
+        vision_layers: config.vision.num_hidden_layers,
+        text_layers: config.text.num_hidden_layers,
+        vocab: config.text.vocab_size,
+        load_s,
+        pipelines: pipelines1 - pipelines0,
+        pipeline_create_s: (create1 - create0).as_secs_f64(),
+        cold_ttft_s,
+        cold_start_s: (cold_ttft_s - ttft_s).max(0.0),
+        ttft_s,
+        vision_s: t.vision_s,
+        prefill_tokens: ids.len(),
+        prefill_s: t.prefill_s,
+        prefill_tok_s: ids.len() as f64 / t.prefill_s,
+        decode_steps: steps,
+        decode_tok_s: t.decode_tok_s,
+        vision_work: vision,
+        prefill_work: prefill,
+        decode_work: decode,
+        vision_gflops: vision.flop / t.vision_s / 1e9,
+        prefill_gflops: prefill.flop / t.prefill_s / 1e9,
+        prefill_gbs: prefill.bytes / t.prefill_s / 1e9,
+        decode_gflops: decode.flop * t.decode_tok_s / 1e9,
+        decode_gbs: decode.bytes * t.decode_tok_s / 1e9,
+        peak_rss_bytes: peak_rss,
+        gpu_weight_bytes,
+        gpu_request_bytes,
+    })
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ProbeParams {
+    iters: u32,
+    per_group: u32,
+    groups: u32,
+    a: f32,
+}
+
+/// Threads per probe workgroup (the shader's `WG`).
+const PROBE_WG: u32 = 64;
+/// vec4 elements each read-probe workgroup streams (64 KiB).
+const READ_PER_GROUP: u32 = 4096;
+/// Largest buffer the read probe streams.
+const READ_MAX_BYTES: u64 = 256 << 20;
+/// A probe is scaled up until one run takes at least this long.
+const PROBE_MIN_S: f64 = 0.2;
+
+/// Best wall time of `reps` runs of `plan` after one warm-up run.
+fn time_plan(gpu: &Gpu, plan: &crate::gpu::Plan, reps: usize) -> Result<f64> {
+    plan.run(gpu)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        plan.run(gpu)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Measure f32 FMA throughput and storage-buffer read bandwidth.
+pub fn run_probes(gpu: &Gpu) -> Result<Probes> {
+    let max_groups = gpu
+        .limits()
+        .max_compute_workgroups_per_dimension
+        .min(1 << 15);
+
+    // FMA: grow the grid, then the chain length, until a run is long enough to time.
+    let key = KernelKey::new("probe", "fma_probe");
+    let (mut groups, mut iters) = (64u32, 1024u32);
+    let fma_gflops = loop {
+        let out = Tensor::zeros(gpu, "probe.fma", &[(groups * PROBE_WG) as usize])?;
+        let mut rec = Recorder::new(gpu);
+        let params = ProbeParams {
+            iters,
+            per_group: 0,
+            groups,
+            a: 0.999,
+        };
+        rec.dispatch(&key, &params, &[out.buffer()], [groups, 1, 1])?;
+        let plan = rec.finish()?;
+        let t = time_plan(gpu, &plan, 3)?;
+        let flop = groups as f64 * PROBE_WG as f64 * iters as f64 * 32.0;
+        if t >= PROBE_MIN_S || iters >= 1 << 24 {
+            break flop / t / 1e9;
+        }
+        let grow = (PROBE_MIN_S * 1.5 / t).clamp(2.0, 64.0) as u32;
+        if groups < max_groups {
+            groups = (groups * grow).min(max_groups);
+        } else {
+            iters *= grow;
+        }
+    };
+
+    // Read bandwidth: one buffer of real (non-zero) data streamed `reps` times a run.
+    let vec_bytes = 16 * READ_PER_GROUP as u64;
+    let bytes = READ_MAX_BYTES.min(gpu.max_binding_bytes()) / vec_bytes * vec_bytes;
+    let read_groups = (bytes / vec_bytes) as u32;
+    let src = Tensor::zeros(gpu, "probe.src", &[(bytes / 4) as usize])?;
+    let piece: Vec<f32> = (0..(4 << 20) / 4)
+        .map(|i| (i % 251) as f32 * 1e-3)
+        .collect();
+    let piece_bytes: &[u8] = bytemuck::cast_slice(&piece);
+    let mut at = 0;
+    while at < bytes {
+        let n = (piece_bytes.len() as u64).min(bytes - at) as usize;
+        gpu.queue.write_buffer(src.buffer(), at, &piece_bytes[..n]);
+        at += n as u64;
+    }
+    let out = Tensor::zeros(gpu, "probe.sums", &[read_groups as usize])?;
+    let key = KernelKey::new("probe", "read_probe");
+    let params = ProbeParams {
+        iters: 0,
+        per_group: READ_PER_GROUP,
+        groups: read_groups,
+        a: 0.0,
+    };
+    let mut reps = 1;
+    let read_gbs = loop {
+        let mut rec = Recorder::new(gpu);
+        let grid = rec.grid(read_groups);
+        for _ in 0..reps {
+            rec.dispatch(&key, &params, &[out.buffer(), src.buffer()], grid)?;
+        }
+        let plan = rec.finish()?;
+        let t = time_plan(gpu, &plan, 3)?;
+        if t >= PROBE_MIN_S || reps >= 256 {
+            break (bytes * reps as u64) as f64 / t / 1e9;
+        }
+        reps *= (PROBE_MIN_S * 1.5 / t).clamp(2.0, 16.0) as usize;
+    };
+    Ok(Probes {
+        fma_gflops,
+        read_gbs,
+        read_buffer_bytes: bytes,
+    })
+}
+
+fn pct(value: f64, of: Option<f64>) -> String {
+    match of {
+        Some(p) if p > 0.0 => format!("{:5.1}%", 100.0 * value / p),
+        _ => "     -".into(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+impl BenchReport {
+    /// The report as a human-readable table; rates carry their share of the probes' figures.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "adapter: {}", self.adapter);
+        let fma = self.probes.map(|p| p.fma_gflops);
+        let bw = self.probes.map(|p| p.read_gbs);
+        if let Some(m) = &self.model {
+            let _ = writeln!(
+                s,
+                "model: {} ({} vision + {} text layers, vocabulary {})",
+                m.model, m.vision_layers, m.text_layers, m.vocab
+            );
+            let _ = writeln!(
+                s,
+                "{:<34}{:>14}  {:>11} {:>6}  {:>9} {:>6}",
+                "", "", "GFLOP/s", "%FMA", "GB/s", "%read"
+            );
+            let row = |s: &mut String, name: &str, value: String, work: Option<(f64, f64)>| {
+                let _ = match work {
+                    Some((gf, gb)) => writeln!(
+                        s,
+                        "{name:<34}{value:>14}  {gf:>11.1} {} {gb:>9.2} {}",
+                        pct(gf, fma),
+                        pct(gb, bw)
+                    ),
+                    None => writeln!(s, "{name:<34}{value:>14}"),
+                };
+            };
+            row(&mut s, "load weights", format!("{:.2} s", m.load_s), None);
+            row(
+                &mut s,
+                &format!("pipelines created ({})", m.pipelines),
+                format!("{:.3} s", m.pipeline_create_s),
+                None,
+            );
+            row(
+                &mut s,
+                "cold time to first token",
+                format!("{:.2} s", m.cold_ttft_s),
+                None,
+            );
+            row(
+                &mut s,
+                "  cold start (first runs)",
+                format!("{:.2} s", m.cold_start_s),
+                None,
+            );
+            row(
+                &mut s,
+                "time to first token",
+                format!("{:.2} s", m.ttft_s),
+                None,
+            );
+            let vision_gbs = m.vision_work.bytes / m.vision_s / 1e9;
+            row(
+                &mut s,
+                "vision encoder",
+                format!("{:.2} s", m.vision_s),
+                Some((m.vision_gflops, vision_gbs)),
+            );
+            row(
+                &mut s,
+                &format!("prefill ({} tokens)", m.prefill_tokens),
+                format!("{:.2} tok/s", m.prefill_tok_s),
+                Some((m.prefill_gflops, m.prefill_gbs)),
+            );
+            row(
+                &mut s,
+                &format!("decode ({} steps)", m.decode_steps),
+                format!("{:.2} tok/s", m.decode_tok_s),
+                Some((m.decode_gflops, m.decode_gbs)),
+            );
+            let rss = m.peak_rss_bytes.map_or("-".into(), mib);
+            row(&mut s, "peak host RSS", rss, None);
+            row(
+                &mut s,
+                "GPU buffers: weights",
+                mib(m.gpu_weight_bytes),
+                None,
+            );
+            row(
+                &mut s,
+                "GPU buffers: per request",
+                mib(m.gpu_request_bytes),
+                None,
+            );
+        }
+        if let Some(p) = &self.probes {
+            let _ = writeln!(
+                s,
+                "probes: FMA {:.1} GFLOP/s, storage-buffer read {:.2} GB/s ({} buffer)",
+                p.fma_gflops,
+                p.read_gbs,
+                mib(p.read_buffer_bytes)
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_config_has_paligemma_3b_shapes() {
+        let c = synthetic_config(2).unwrap();
+        assert_eq!(c.num_image_tokens(), 256);
+        assert_eq!(
+            (c.vision.hidden_size, c.vision.intermediate_size),
+            (1152, 4304)
+        );
+        assert_eq!(c.vision.num_attention_heads, 16);
+        assert_eq!(
+            (c.text.hidden_size, c.text.intermediate_size),
+            (2048, 16384)
+        );
+        assert_eq!(
+            (c.text.num_attention_heads, c.text.num_key_value_heads),
+            (8, 1)
+        );
+        assert_eq!((c.text.head_dim, c.text.vocab_size), (256, 257216));
+        assert_eq!(
+            (c.vision.num_hidden_layers, c.text.num_hidden_layers),
+            (2, 2)
+        );
+    }
+
+    #[test]
+    fn work_counts_match_hand_counts() {
+        let c = synthetic_config(1).unwrap();
+        // One Gemma-2B layer: q 2048², k and v 256·2048, o 2048², gate/up/down 3·2048·16384.
+        let layer = 2.0 * 2048.0 * 2048.0 + 2.0 * 256.0 * 2048.0 + 3.0 * 2048.0 * 16384.0;
+        let head = 257216.0 * 2048.0;
+        let d = decode_work(&c.text, 10);
+        assert_eq!(d.flop, 2.0 * layer + 4.0 * 10.0 * 2048.0 + 2.0 * head);
+        assert_eq!(
+            d.bytes,
+            2.0 * (layer + head + 2048.0) + 2.0 * 10.0 * 256.0 * 4.0
+        );
+        let p = prefill_work(&c.text, 266);
+        assert_eq!(
+            p.flop,
+            2.0 * 266.0 * layer + 4.0 * 266.0 * 266.0 * 2048.0 + 2.0 * head
+        );
+        let v = vision_work(&c);
+        let vl = 4.0 * 1152.0 * 1152.0 + 2.0 * 1152.0 * 4304.0;
+        let params = 588.0 * 1152.0 + vl + 1152.0 * 2048.0;
+        assert_eq!(v.flop, 2.0 * 256.0 * params + 4.0 * 256.0 * 256.0 * 1152.0);
+    }
+
+    #[test]
+    fn peak_rss_is_reported_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_bytes().unwrap() > 0);
+        }
+    }
+
+    #[test]
+    fn probes_measure_something() {
+        let gpu = crate::ops::testutil::gpu_with_limit(None);
+        let p = run_probes(&gpu).unwrap();
+        assert!(p.fma_gflops > 0.0 && p.fma_gflops.is_finite(), "{p:?}");
+        assert!(p.read_gbs > 0.0 && p.read_gbs.is_finite(), "{p:?}");
+    }
+}
