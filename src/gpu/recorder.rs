@@ -2,7 +2,8 @@
 //! storage buffers, workgroup counts); [`Recorder::finish`] packs all parameters into one
 //! uniform buffer, creates the bind groups once and returns a [`Plan`] that encodes every
 //! dispatch into a single compute pass of one command encoder. A plan can be run again with
-//! new parameters (the decode loop does this) without creating any GPU object.
+//! new parameters (the decode loop does this, see [`Recorder::finish_into`]) without
+//! creating any GPU object.
 
 use std::sync::Arc;
 
@@ -136,6 +137,7 @@ impl<'g> Recorder<'g> {
             ops.push(PlannedOp {
                 key: op.key,
                 pipeline: op.pipeline,
+                buffers: op.buffers,
                 bind_group,
                 param_offset: op.param_offset,
                 param_size: op.param_size,
@@ -153,11 +155,38 @@ impl<'g> Recorder<'g> {
         let gpu = self.gpu;
         self.finish()?.run(gpu)
     }
+
+    /// Turn this recording into `plan`, reusing its parameter buffer and bind groups when the
+    /// recording has the same shape (same kernels on the same buffers with the same parameter
+    /// layout — e.g. the next decode step); otherwise `plan` is rebuilt. Returns whether the
+    /// plan was reused.
+    pub fn finish_into(self, plan: &mut Option<Plan>) -> Result<bool> {
+        if let Some(p) = plan {
+            let same = p.ops.len() == self.ops.len()
+                && p.host.len() >= self.params.len()
+                && p.ops.iter().zip(&self.ops).all(|(a, b)| {
+                    a.key == b.key
+                        && a.buffers == b.buffers
+                        && a.param_offset == b.param_offset
+                        && a.param_size == b.param_size
+                });
+            if same {
+                p.host[..self.params.len()].copy_from_slice(&self.params);
+                for (a, b) in p.ops.iter_mut().zip(&self.ops) {
+                    a.workgroups = b.workgroups;
+                }
+                return Ok(true);
+            }
+        }
+        *plan = Some(self.finish()?);
+        Ok(false)
+    }
 }
 
 struct PlannedOp {
     key: KernelKey,
     pipeline: Arc<wgpu::ComputePipeline>,
+    buffers: Vec<wgpu::Buffer>,
     bind_group: wgpu::BindGroup,
     param_offset: usize,
     param_size: usize,
@@ -180,30 +209,6 @@ impl Plan {
     /// Whether the plan has no dispatches.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
-    }
-
-    /// Replace the parameters of op `index` (same struct type as recorded). Takes effect at
-    /// the next [`Plan::run`].
-    pub fn set_params<P: bytemuck::Pod>(&mut self, index: usize, params: &P) -> Result<()> {
-        let op = &self.ops[index];
-        let bytes = bytemuck::bytes_of(params);
-        if bytes.len() != op.param_size {
-            return Err(Error::kernel(
-                op.key.entry,
-                format!(
-                    "parameter size {} != recorded {}",
-                    bytes.len(),
-                    op.param_size
-                ),
-            ));
-        }
-        self.host[op.param_offset..op.param_offset + bytes.len()].copy_from_slice(bytes);
-        Ok(())
-    }
-
-    /// Change the workgroup counts of op `index`.
-    pub fn set_workgroups(&mut self, index: usize, workgroups: [u32; 3]) {
-        self.ops[index].workgroups = workgroups;
     }
 
     /// Upload the parameters and encode every dispatch into one compute pass; submit without

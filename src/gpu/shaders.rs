@@ -3,6 +3,7 @@
 /// Every shader by name. The name is the file stem under `shaders/`.
 pub const ALL: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("sample", include_str!("../../shaders/sample.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     (
         "elementwise",

@@ -10,7 +10,8 @@ use super::gemma::Gemma;
 use super::siglip::VisionTower;
 use super::weights::Checkpoint;
 use crate::generate::{logprobs, GenerateOptions, Generation, Sampler, Step, Timings};
-use crate::gpu::{Gpu, GpuOptions, Recorder};
+use crate::gpu::{Gpu, GpuOptions, Plan, Recorder, Tensor};
+use crate::ops::sample::{argmax_logprob, read_pick};
 use crate::processor::image::{ImageProcessor, PixelValues, PreprocessorConfig};
 use crate::processor::prompt::{PromptProcessor, TextStream};
 use crate::{Error, Result};
@@ -359,11 +360,17 @@ impl PaliGemma {
 
         let t1 = Instant::now();
         let mut seq = self.text.sequence(gpu, ids.len(), options.max_new_tokens)?;
+        // Greedy requests without top-k pick the token on the GPU and read back 16 bytes;
+        // the others read the logits row.
+        let on_gpu = options.sampling.temperature == 0.0 && options.top_logprobs == 0;
+        let pick = Tensor::from_u32(gpu, "pick", &[4], &[0; 4])?;
         let mut rec = Recorder::new(gpu);
         self.text
             .record_prefill(&mut rec, &mut seq, ids, Some(&va.features))?;
+        if on_gpu {
+            argmax_logprob(&mut rec, &seq.logits, 0, &pick)?;
+        }
         rec.run()?;
-        let mut logits = seq.logits.read(gpu)?;
         timings.prefill_s = t1.elapsed().as_secs_f64();
 
         let eos = &self.config.eos_token_ids;
@@ -373,11 +380,24 @@ impl PaliGemma {
             prompt_tokens: ids.len(),
             ..Default::default()
         };
+        let mut plan: Option<Plan> = None;
         let t2 = Instant::now();
         loop {
-            let id = sampler.sample(&logits);
-            let (logprob, top) = logprobs(&logits, id, options.top_logprobs);
-            out.steps.push(Step { id, logprob, top });
+            let step = if on_gpu {
+                let (id, logprob) = read_pick(gpu, &pick)?;
+                Step {
+                    id,
+                    logprob,
+                    top: Vec::new(),
+                }
+            } else {
+                let logits = seq.logits.read(gpu)?;
+                let id = sampler.sample(&logits);
+                let (logprob, top) = logprobs(&logits, id, options.top_logprobs);
+                Step { id, logprob, top }
+            };
+            let id = step.id;
+            out.steps.push(step);
             out.token_ids.push(id);
             let stop = options.stop_at_eos && eos.contains(&id);
             let mut cancelled = false;
@@ -389,10 +409,17 @@ impl PaliGemma {
             if stop || cancelled || out.token_ids.len() >= options.max_new_tokens {
                 break;
             }
+            // Every step records the same dispatches on the same buffers, so after the first
+            // step the plan's bind groups are reused and only its parameters change.
             let mut rec = Recorder::new(gpu);
             self.text.record_step(&mut rec, &mut seq, id)?;
-            rec.run()?;
-            logits = seq.logits.read(gpu)?;
+            if on_gpu {
+                argmax_logprob(&mut rec, &seq.logits, 0, &pick)?;
+            }
+            rec.finish_into(&mut plan)?;
+            if let Some(p) = &plan {
+                p.run(gpu)?;
+            }
         }
         let decoded = out.token_ids.len().saturating_sub(1);
         if decoded > 0 {

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod embed;
 pub mod linear;
+pub mod sample;
 pub mod norm;
 pub mod patch;
 pub mod rope;

@@ -1,0 +1,75 @@
+// Greedy pick and log-sum-exp over one row of f32 logits, so a decode step reads back 16 bytes
+// instead of the whole vocabulary:
+//   id   = argmax_i logits[i]           (the first index on ties, as torch.argmax)
+//   m    = max_i logits[i]
+//   s    = sum_i exp(logits[i] - m)      =>  logprob(id) = logits[id] - m - ln(s)
+// One workgroup of 256 threads: each keeps a strided running (best, index) and an online
+// (max, sum) pair, then a tree reduction merges them. out = [id, best, m, s] as u32 bits.
+
+struct Params {
+    n: u32,
+    row: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+
+const WG: u32 = 256u;
+const LOWEST: f32 = -3.4e38;
+
+var<workgroup> best_v: array<f32, 256>;
+var<workgroup> best_i: array<u32, 256>;
+var<workgroup> run_m: array<f32, 256>;
+var<workgroup> run_s: array<f32, 256>;
+
+@compute @workgroup_size(256, 1, 1)
+fn argmax_lse(@builtin(local_invocation_index) t: u32) {
+    var bv = LOWEST;
+    var bi = 0xffffffffu;
+    var m = LOWEST;
+    var s = 0.0;
+    let base = p.row * p.n;
+    for (var i = t; i < p.n; i += WG) {
+        let v = logits[base + i];
+        if (v > bv) {
+            bv = v;
+            bi = i;
+        }
+        if (v > m) {
+            s = s * exp(m - v) + 1.0;
+            m = v;
+        } else {
+            s += exp(v - m);
+        }
+    }
+    best_v[t] = bv;
+    best_i[t] = bi;
+    run_m[t] = m;
+    run_s[t] = s;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if (t < stride) {
+            let ov = best_v[t + stride];
+            let oi = best_i[t + stride];
+            if (ov > best_v[t] || (ov == best_v[t] && oi < best_i[t])) {
+                best_v[t] = ov;
+                best_i[t] = oi;
+            }
+            let m1 = run_m[t];
+            let m2 = run_m[t + stride];
+            let mm = max(m1, m2);
+            run_s[t] = run_s[t] * exp(m1 - mm) + run_s[t + stride] * exp(m2 - mm);
+            run_m[t] = mm;
+        }
+        workgroupBarrier();
+    }
+    if (t == 0u) {
+        out[0] = best_i[0];
+        out[1] = bitcast<u32>(best_v[0]);
+        out[2] = bitcast<u32>(run_m[0]);
+        out[3] = bitcast<u32>(run_s[0]);
+    }
+}

@@ -1,0 +1,96 @@
+//! Greedy selection on the GPU (`shaders/sample.wgsl`): the argmax of a row of logits and
+//! its log-probability, so that a greedy decode step reads back 16 bytes.
+
+use super::{check, u32_arg};
+use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
+use crate::Result;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    row: u32,
+    pad: [u32; 2],
+}
+
+/// Record the greedy pick over row `row` of `logits` (f32 `[rows, vocab]`) into `out`
+/// (a U32 tensor of 4 values); read it with [`read_pick`].
+pub fn argmax_logprob(rec: &mut Recorder, logits: &Tensor, row: usize, out: &Tensor) -> Result<()> {
+    const K: &str = "argmax_logprob";
+    check(logits.dtype() == DType::F32 && row < logits.rows(), K, || {
+        format!("row {row} of {} is not an f32 row", logits.name())
+    })?;
+    check(out.dtype() == DType::U32 && out.numel() == 4, K, || {
+        format!("{} must be u32 [4]", out.name())
+    })?;
+    let params = Params {
+        n: u32_arg(K, "vocab", logits.cols())?,
+        row: u32_arg(K, "row", row)?,
+        pad: [0; 2],
+    };
+    let key = KernelKey::new("sample", "argmax_lse");
+    rec.dispatch(&key, &params, &[logits.buffer(), out.buffer()], [1, 1, 1])?;
+    Ok(())
+}
+
+/// Read the result of [`argmax_logprob`]: the chosen id and its log-probability.
+pub fn read_pick(gpu: &Gpu, out: &Tensor) -> Result<(u32, f32)> {
+    let raw = gpu.read_bytes(out.buffer(), 0, 16)?;
+    let w: &[u32] = bytemuck::cast_slice(&raw);
+    let (best, max, sum) = (f32::from_bits(w[1]), f32::from_bits(w[2]), f32::from_bits(w[3]));
+    Ok((w[0], best - max - sum.ln()))
+}
+
+/// CPU reference: the first index of the maximum and its log-softmax value.
+pub fn argmax_logprob_ref(logits: &[f32]) -> (u32, f32) {
+    let id = crate::generate::argmax(logits);
+    let (lp, _) = crate::generate::logprobs(logits, id, 0);
+    (id, lp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu_with_limit, rand_vec};
+
+    fn case(logits: &[f32], rows: usize, row: usize) {
+        let gpu = gpu_with_limit(None);
+        let n = logits.len() / rows;
+        let t = Tensor::from_f32(&gpu, "logits", &[rows, n], logits).unwrap();
+        let out = Tensor::from_u32(&gpu, "pick", &[4], &[0; 4]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        argmax_logprob(&mut rec, &t, row, &out).unwrap();
+        rec.run().unwrap();
+        let (id, lp) = read_pick(&gpu, &out).unwrap();
+        let (want_id, want_lp) = argmax_logprob_ref(&logits[row * n..(row + 1) * n]);
+        assert_eq!(id, want_id);
+        assert!((lp - want_lp).abs() < 1e-4 * (1.0 + want_lp.abs()), "{lp} vs {want_lp}");
+    }
+
+    #[test]
+    fn matches_reference_on_a_vocabulary_sized_row() {
+        case(&rand_vec(257_216, 30.0, 5), 1, 0);
+        case(&rand_vec(3 * 1000, 5.0, 6), 3, 2);
+        case(&rand_vec(7, 1.0, 7), 1, 0);
+    }
+
+    #[test]
+    fn ties_pick_the_first_index() {
+        let mut logits = vec![0.0f32; 1000];
+        logits[700] = 5.0;
+        logits[300] = 5.0;
+        logits[900] = 5.0;
+        case(&logits, 1, 0);
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        let gpu = gpu_with_limit(None);
+        let t = Tensor::zeros(&gpu, "logits", &[1, 10]).unwrap();
+        let out = Tensor::zeros(&gpu, "pick", &[4]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        assert!(argmax_logprob(&mut rec, &t, 0, &out).is_err(), "f32 output is rejected");
+        let out = Tensor::from_u32(&gpu, "pick", &[4], &[0; 4]).unwrap();
+        assert!(argmax_logprob(&mut rec, &t, 1, &out).is_err(), "row out of range");
+    }
+}
