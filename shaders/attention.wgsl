@@ -8,6 +8,8 @@
 // where key j is visible iff j < kv_len && (j < prefix_len || j <= pos), i.e. exactly the keys
 // 0 .. n(pos) with n(pos) = min(kv_len, max(prefix_len, pos + 1)). Rows of k and v from n(pos)
 // on are never read (a preallocated KV cache may hold anything there).
+// Gemma 2: with window > 0, a query past the prefix (pos >= prefix_len) sees only keys
+// j >= lo(pos) = pos + 1 - window; with softcap > 0, s_j = softcap * tanh(s_j / softcap).
 //
 // q, out  f32 [rows, heads * head_dim], row stride q_stride; head h at columns h * head_dim ..
 // k, v    f32 [max_rows, kv_heads * head_dim], row stride kv_stride.
@@ -46,9 +48,9 @@ struct Params {
     chunks: u32,
     count: u32,
     scale: f32,
+    window: u32,
+    softcap: f32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -67,9 +69,35 @@ var<workgroup> qs: array<f32, 1024>; // [NQ][MAXD] pre-scaled queries
 var<workgroup> ss: array<f32, 256>; // [NQ][WG] scores of the block
 var<workgroup> ps: array<f32, 256>; // [NQ][WG] probabilities of the block
 
-// Number of keys visible to query row `row`: keys 0 .. keys_for(row).
+// Number of keys visible to query row `row`: keys first_key(row) .. keys_for(row).
 fn keys_for(row: u32) -> u32 {
     return min(p.kv_len, max(p.prefix_len, p.q_pos0 + row + 1u));
+}
+
+fn first_key(row: u32) -> u32 {
+    let pos = p.q_pos0 + row;
+    if (p.window > 0u && pos >= p.prefix_len && pos + 1u > p.window) {
+        return pos + 1u - p.window;
+    }
+    return 0u;
+}
+
+fn visible(j: u32, lo: u32, n: u32) -> bool {
+    return (j >= lo) && (j < n);
+}
+
+fn cap(s: f32) -> f32 {
+    if (p.softcap > 0.0) {
+        return p.softcap * tanh(clamp(s / p.softcap, -15.0, 15.0));
+    }
+    return s;
+}
+
+fn cap4(s: vec4<f32>) -> vec4<f32> {
+    if (p.softcap > 0.0) {
+        return p.softcap * tanh(clamp(s / p.softcap, vec4(-15.0), vec4(15.0)));
+    }
+    return s;
 }
 
 @compute @workgroup_size(64, 1, 1)
@@ -88,19 +116,24 @@ fn attention(
     let last = min(first + NQ, items) - 1u;
     // Rows grow with the item index, so the last item sees the most keys.
     let n_max = keys_for(last / p.group);
+    // Rows grow with the item index, so the first item's window starts first.
+    let lo_min = first_key(first / p.group);
     let hd = p.head_dim;
     let kbase = kh * hd;
 
     var n_i: array<u32, NQ>;
+    var lo_i: array<u32, NQ>;
     var base: array<u32, NQ>;
     for (var i = 0u; i < NQ; i++) {
         let f = first + i;
         n_i[i] = 0u;
+        lo_i[i] = 0u;
         base[i] = 0u;
         if (f < items) {
             let row = f / p.group;
             let head = kh * p.group + f % p.group;
             n_i[i] = keys_for(row);
+            lo_i[i] = first_key(row);
             base[i] = row * p.q_stride + head * hd;
         }
     }
@@ -126,7 +159,7 @@ fn attention(
     }
     workgroupBarrier();
 
-    for (var j0 = 0u; j0 < n_max; j0 += WG) {
+    for (var j0 = lo_min; j0 < n_max; j0 += WG) {
         // 1. Scores of key j for every query of the chunk.
         let j = j0 + t;
         var s: array<f32, NQ>;
@@ -143,7 +176,7 @@ fn attention(
             }
         }
         for (var i = 0u; i < NQ; i++) {
-            ss[i * WG + t] = select(NEG, s[i], j < n_i[i]);
+            ss[i * WG + t] = select(NEG, cap(s[i]), visible(j, lo_i[i], n_i[i]));
         }
         workgroupBarrier();
 
@@ -159,7 +192,7 @@ fn attention(
             alpha[i] = exp(m[i] - mn);
             m[i] = mn;
             var pr = 0.0;
-            if (j < n_i[i]) {
+            if (visible(j, lo_i[i], n_i[i])) {
                 pr = exp(ss[i * WG + t] - mn);
             }
             ps[i * WG + t] = pr;
@@ -238,11 +271,13 @@ fn attention_lanes(
         return; // no barriers below: lanes may leave
     }
     var n: array<u32, 2>;
+    var lo: array<u32, 2>;
     var base: array<u32, 2>;
     for (var i = 0u; i < 2u; i++) {
         let f = min(first + t + i * 64u, items - 1u);
         let row = f / p.group;
         n[i] = keys_for(row);
+        lo[i] = first_key(row);
         base[i] = row * p.q_stride + (kh * p.group + f % p.group) * hd;
     }
     let two = first + t + 64u < items;
@@ -254,7 +289,8 @@ fn attention_lanes(
     }
     var m = vec2<f32>(NEG);
     var l = vec2<f32>(0.0);
-    for (var j0 = 0u; j0 < n_max; j0 += KB) {
+    let lo_min = first_key(first / p.group);
+    for (var j0 = lo_min; j0 < n_max; j0 += KB) {
         // Keys j0 .. j0 + nb8 in groups of 8; those past n_max read row n_max - 1 (valid data)
         // and are masked like the keys past n.
         let nb8 = min(KB, (n_max - j0 + 7u) & ~7u);
@@ -278,10 +314,15 @@ fn attention_lanes(
                 sc = fma(vec4<f32>(qd.y), k0, sc);
                 sd = fma(vec4<f32>(qd.y), k1, sd);
             }
+            sa = cap4(sa);
+            sb = cap4(sb);
+            sc = cap4(sc);
+            sd = cap4(sd);
             for (var e = 0u; e < 4u; e++) {
                 let j = j0 + b + e;
-                let s0 = select(vec2(NEG), vec2(sa[e], sc[e]), vec2(j < n[0], j < n[1]));
-                let s1 = select(vec2(NEG), vec2(sb[e], sd[e]), vec2(j + 4u < n[0], j + 4u < n[1]));
+                let j4 = j + 4u;
+                let s0 = select(vec2(NEG), vec2(sa[e], sc[e]), vec2(visible(j, lo[0], n[0]), visible(j, lo[1], n[1])));
+                let s1 = select(vec2(NEG), vec2(sb[e], sd[e]), vec2(visible(j4, lo[0], n[0]), visible(j4, lo[1], n[1])));
                 s[b + e] = s0;
                 s[b + 4u + e] = s1;
                 mb = max(mb, max(s0, s1));
@@ -293,7 +334,7 @@ fn attention_lanes(
         l *= alpha;
         for (var b = 0u; b < nb8; b++) {
             let j = j0 + b;
-            let pb = select(vec2<f32>(0.0), exp(s[b] - mn), vec2<bool>(j < n[0], j < n[1]));
+            let pb = select(vec2<f32>(0.0), exp(s[b] - mn), vec2<bool>(visible(j, lo[0], n[0]), visible(j, lo[1], n[1])));
             s[b] = pb;
             l += pb;
         }

@@ -54,6 +54,7 @@ impl Gpu {
             return Ok(p.clone());
         }
         let start = Instant::now();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = {
             let mut modules = cache.modules.lock().expect("shader cache");
             match modules.get(key.shader) {
@@ -77,7 +78,6 @@ impl Gpu {
             .iter()
             .map(|(n, v)| (*n, f64::from_bits(*v)))
             .collect();
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -54,6 +54,25 @@ pub struct TextConfig {
     pub rms_norm_eps: f32,
     /// RoPE base.
     pub rope_theta: f32,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-0.5` (Gemma 2; `head_dim`
+    /// for Gemma 1).
+    pub query_pre_attn_scalar: f32,
+    /// Gemma 2's local-attention window, used by the layers marked sliding.
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it uses the sliding window.
+    pub sliding_layers: Vec<bool>,
+    /// Gemma 2's attention-score soft-cap.
+    pub attn_logit_softcapping: Option<f32>,
+    /// Gemma 2's final-logit soft-cap.
+    pub final_logit_softcapping: Option<f32>,
+}
+
+impl TextConfig {
+    /// Whether this is a Gemma 2 decoder (PaliGemma 2): extra norms, soft-caps, sliding
+    /// windows.
+    pub fn is_gemma2(&self) -> bool {
+        self.model_type == "gemma2"
+    }
 }
 
 /// The whole PaliGemma configuration.
@@ -101,6 +120,17 @@ impl Fields<'_> {
                     "config.json: {}{key} = {v} is not a number",
                     self.section
                 ))
+            }),
+        }
+    }
+
+    /// An optional float: absent means `default`, JSON null means none.
+    fn opt_f32(&self, key: &str, default: Option<f32>) -> Result<Option<f32>> {
+        match self.obj.and_then(|o| o.get(key)) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| {
+                Error::Model(format!("config.json: {}{key} = {v} is not a number", self.section))
             }),
         }
     }
@@ -191,9 +221,13 @@ impl PaliGemmaConfig {
             obj: text_obj,
             section: "text_config.",
         };
-        let td = match text_obj {
-            Some(_) => (256000, 3072, 24576, 28, 16, 16),
-            None => (257152, 2048, 16384, 18, 8, 1),
+        let model_type = tf.str("model_type", "gemma");
+        let gemma2 = model_type == "gemma2";
+        // (vocab, hidden, intermediate, layers, heads, kv heads)
+        let td = match (text_obj, gemma2) {
+            (None, _) => (257152, 2048, 16384, 18, 8, 1),
+            (Some(_), false) => (256000, 3072, 24576, 28, 16, 16),
+            (Some(_), true) => (256000, 2304, 9216, 26, 8, 4),
         };
         let act = match text_obj.and_then(|o| o.get("hidden_activation")) {
             Some(Value::String(s)) => s.clone(),
@@ -209,18 +243,54 @@ impl PaliGemmaConfig {
             None => tf.f32("rope_theta", 10000.0)?,
         };
         let heads = tf.usize("num_attention_heads", td.4)?;
+        let layers = tf.usize("num_hidden_layers", td.3)?;
+        let head_dim = tf.usize("head_dim", 256)?;
+        let sliding_layers = match text_obj.and_then(|o| o.get("layer_types")) {
+            Some(Value::Array(types)) => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(Error::Model(format!(
+                        "config.json: text_config.layer_types has unknown entry {t}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            _ => (0..layers).map(|i| gemma2 && i % 2 == 0).collect(),
+        };
         let text = TextConfig {
-            model_type: tf.str("model_type", "gemma"),
             vocab_size: tf.usize("vocab_size", td.0)?,
             hidden_size: tf.usize("hidden_size", td.1)?,
             intermediate_size: tf.usize("intermediate_size", td.2)?,
-            num_hidden_layers: tf.usize("num_hidden_layers", td.3)?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: tf.usize("num_key_value_heads", td.5)?,
-            head_dim: tf.usize("head_dim", 256)?,
+            head_dim,
             max_position_embeddings: tf.usize("max_position_embeddings", 8192)?,
             rms_norm_eps: tf.f32("rms_norm_eps", 1e-6)?,
             rope_theta,
+            query_pre_attn_scalar: if gemma2 {
+                tf.f32("query_pre_attn_scalar", 256.0)?
+            } else {
+                head_dim as f32
+            },
+            sliding_window: if gemma2 {
+                tf.opt_f32("sliding_window", Some(4096.0))?.map(|w| w as usize)
+            } else {
+                None
+            },
+            sliding_layers,
+            attn_logit_softcapping: if gemma2 {
+                tf.opt_f32("attn_logit_softcapping", Some(50.0))?
+            } else {
+                None
+            },
+            final_logit_softcapping: if gemma2 {
+                tf.opt_f32("final_logit_softcapping", Some(30.0))?
+            } else {
+                None
+            },
+            model_type,
         };
 
         let image_token = root
@@ -309,11 +379,26 @@ impl PaliGemmaConfig {
                 self.projection_dim, t.hidden_size
             ));
         }
-        if t.model_type != "gemma" {
+        if t.model_type != "gemma" && t.model_type != "gemma2" {
             return err(format!(
-                "text_config.model_type {:?} is not supported yet (only gemma / PaliGemma 1)",
+                "text_config.model_type {:?} is not supported (gemma: PaliGemma, gemma2: PaliGemma 2)",
                 t.model_type
             ));
+        }
+        if t.sliding_layers.len() != t.num_hidden_layers {
+            return err(format!(
+                "text_config.layer_types has {} entries for {} layers",
+                t.sliding_layers.len(),
+                t.num_hidden_layers
+            ));
+        }
+        if t.query_pre_attn_scalar <= 0.0 || t.sliding_window == Some(0) {
+            return err("text_config.query_pre_attn_scalar and sliding_window must be positive".into());
+        }
+        for cap in [t.attn_logit_softcapping, t.final_logit_softcapping].into_iter().flatten() {
+            if cap <= 0.0 || !cap.is_finite() {
+                return err(format!("soft-cap {cap} must be a positive number"));
+            }
         }
         if self.image_token_index as usize >= t.vocab_size {
             return err(format!(
@@ -354,6 +439,24 @@ mod tests {
         assert_eq!(c.text.max_position_embeddings, 8192);
         assert_eq!(c.image_token_index, 257152);
         assert_eq!(c.eos_token_ids, vec![1]);
+    }
+
+    #[test]
+    fn gemma2_defaults() {
+        let pg2 = PUBLISHED_224
+            .replace("\"model_type\": \"gemma\"", "\"model_type\": \"gemma2\"")
+            .replace("\"num_hidden_layers\": 18", "\"num_hidden_layers\": 26");
+        let c = PaliGemmaConfig::from_json(&pg2).unwrap();
+        assert!(c.text.is_gemma2());
+        assert_eq!(c.text.query_pre_attn_scalar, 256.0);
+        assert_eq!(c.text.sliding_window, Some(4096));
+        assert_eq!(c.text.attn_logit_softcapping, Some(50.0));
+        assert_eq!(c.text.final_logit_softcapping, Some(30.0));
+        assert_eq!(&c.text.sliding_layers[..4], &[true, false, true, false]);
+        let g1 = PaliGemmaConfig::from_json(PUBLISHED_224).unwrap();
+        assert_eq!(g1.text.query_pre_attn_scalar, 256.0);
+        assert_eq!(g1.text.sliding_window, None);
+        assert!(g1.text.sliding_layers.iter().all(|s| !s));
     }
 
     #[test]

@@ -1,24 +1,30 @@
-//! Gemma decoder (PaliGemma 1 language model):
+//! Gemma decoder (the PaliGemma language model), Gemma 1 and Gemma 2 (PaliGemma 2):
 //!
 //! ```text
 //! x = Embed(ids) · √hidden, with the image rows replaced by the (unscaled) image features
 //! for each layer:
 //!     h = RMSNorm(x)·(1+w);  q,k,v = h·Wq, h·Wk, h·Wv;  RoPE(q, k)      (k, v into the KV cache)
-//!     x += Attn(q, K, V)·Wo          prefix-LM mask: the prompt attends bidirectionally,
+//!     a = Attn(q, K, V)·Wo           prefix-LM mask: the prompt attends bidirectionally,
 //!                                    generated tokens causally
-//!     h = RMSNorm(x)·(1+w);  x += (gelu_tanh(h·Wgate) ⊙ h·Wup)·Wdown
+//!     Gemma 1:  x += a;              h = RMSNorm(x);  x += MLP(h)
+//!     Gemma 2:  x += RMSNorm(a);     h = RMSNorm(x);  x += RMSNorm(MLP(h))
+//!     MLP(h) = (gelu_tanh(h·Wgate) ⊙ h·Wup)·Wdown
 //! logits = RMSNorm(x_last)·(1+w) · Embedᵀ                       (tied LM head, f32)
 //! ```
+//! Gemma 2 also scales scores by `query_pre_attn_scalar^-0.5`, soft-caps them
+//! (`50·tanh(s/50)`), restricts generated tokens to a sliding window on alternate layers, and
+//! soft-caps the logits (`30·tanh(l/30)`).
 
 use super::config::TextConfig;
 use super::weights::Checkpoint;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::ops::attention::{attention, AttnOpts};
-use crate::ops::elementwise::copy_rows;
+use crate::ops::elementwise::{add, copy_rows};
 use crate::ops::embed::embed;
 use crate::ops::linear::{linear, LinearOpts};
 use crate::ops::norm::{rms_norm, NormOpts};
 use crate::ops::rope::{rope, RopeTable};
+use crate::ops::softcap::softcap;
 use crate::ops::{Act, Combine};
 use crate::{Error, Result};
 
@@ -36,6 +42,8 @@ pub struct DecoderLayer {
     v: Tensor,
     o: Tensor,
     post_norm: Tensor,
+    /// Gemma 2 only: the norms around the MLP.
+    ff_norms: Option<(Tensor, Tensor)>,
     gate: Tensor,
     up: Tensor,
     down: Tensor,
@@ -60,6 +68,8 @@ struct Acts {
     q: Tensor,
     attn: Tensor,
     gate: Tensor,
+    /// Gemma 2: attention / MLP output before its norm `[rows, hidden]`.
+    branch: Option<Tensor>,
 }
 
 /// The per-sequence state: KV cache, RoPE table and activations for prefill and decode.
@@ -121,6 +131,13 @@ impl Gemma {
                 v: ck.matrix(gpu, &n("self_attn.v_proj.weight"), &[kvd, h])?,
                 o: ck.matrix(gpu, &n("self_attn.o_proj.weight"), &[h, qd])?,
                 post_norm: ck.vector(gpu, &n("post_attention_layernorm.weight"), h)?,
+                ff_norms: match cfg.is_gemma2() {
+                    true => Some((
+                        ck.vector(gpu, &n("pre_feedforward_layernorm.weight"), h)?,
+                        ck.vector(gpu, &n("post_feedforward_layernorm.weight"), h)?,
+                    )),
+                    false => None,
+                },
                 gate: ck.matrix(gpu, &n("mlp.gate_proj.weight"), &[i, h])?,
                 up: ck.matrix(gpu, &n("mlp.up_proj.weight"), &[i, h])?,
                 down: ck.matrix(gpu, &n("mlp.down_proj.weight"), &[h, i])?,
@@ -154,6 +171,10 @@ impl Gemma {
             q: Tensor::zeros(gpu, &t("q"), &[rows, qd])?,
             attn: Tensor::zeros(gpu, &t("attn"), &[rows, qd])?,
             gate: Tensor::zeros(gpu, &t("gate"), &[mlp_rows, c.intermediate_size])?,
+            branch: match c.is_gemma2() {
+                true => Some(Tensor::zeros(gpu, &t("branch"), &[rows, c.hidden_size])?),
+                false => None,
+            },
         })
     }
 
@@ -294,16 +315,19 @@ impl Gemma {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-            scale: (c.head_dim as f32).powf(-0.5),
+            scale: c.query_pre_attn_scalar.powf(-0.5),
             q_rows: rows,
             q_pos0: pos0,
             kv_len: pos0 + rows,
             prefix_len: seq.prefix_len,
+            window: 0,
+            softcap: c.attn_logit_softcapping.unwrap_or(0.0),
         };
         let plain = LinearOpts::default();
+        let norm = NormOpts::default();
         for (l, layer) in self.layers.iter().enumerate() {
             let (kc, vc) = (&seq.k_cache[l], &seq.v_cache[l]);
-            rms_norm(rec, &a.x, &layer.input_norm, &a.h, eps, NormOpts::default())?;
+            rms_norm(rec, &a.x, &layer.input_norm, &a.h, eps, norm)?;
             linear(rec, &a.h, &layer.q, None, &a.q, plain)?;
             let to_cache = LinearOpts {
                 out_row: pos0,
@@ -313,13 +337,35 @@ impl Gemma {
             linear(rec, &a.h, &layer.v, None, vc, to_cache)?;
             rope(rec, &a.q, c.num_attention_heads, 0, rows, pos0, &seq.rope)?;
             rope(rec, kc, c.num_key_value_heads, pos0, rows, pos0, &seq.rope)?;
-            attention(rec, &a.q, kc, vc, &a.attn, &attn_opts)?;
+            let window = match (c.sliding_layers[l], c.sliding_window) {
+                (true, Some(w)) => w,
+                _ => 0,
+            };
+            attention(rec, &a.q, kc, vc, &a.attn, &AttnOpts { window, ..attn_opts })?;
             let residual = LinearOpts {
                 combine: Combine::Add,
                 ..plain
             };
-            linear(rec, &a.attn, &layer.o, None, &a.x, residual)?;
-            rms_norm(rec, &a.x, &layer.post_norm, &a.h, eps, NormOpts::default())?;
+            // The MLP's input norm: Gemma 1 calls it post_attention_layernorm, Gemma 2
+            // pre_feedforward_layernorm (its post_attention_layernorm normalises the
+            // attention output before the residual add).
+            let mlp_norm = match (&a.branch, &layer.ff_norms) {
+                (Some(branch), Some((pre_ff, _))) => {
+                    linear(rec, &a.attn, &layer.o, None, branch, plain)?;
+                    rms_norm(rec, branch, &layer.post_norm, &a.h, eps, norm)?;
+                    add(rec, &a.x, &a.h)?;
+                    pre_ff
+                }
+                _ => {
+                    linear(rec, &a.attn, &layer.o, None, &a.x, residual)?;
+                    &layer.post_norm
+                }
+            };
+            rms_norm(rec, &a.x, mlp_norm, &a.h, eps, norm)?;
+            let (mlp_out, mlp_combine) = match &a.branch {
+                Some(branch) => (branch, Combine::Store),
+                None => (&a.x, Combine::Add),
+            };
             for r0 in (0..rows).step_by(a.mlp_rows) {
                 let n = a.mlp_rows.min(rows - r0);
                 let block = |act, combine, x_row, out_row| LinearOpts {
@@ -329,30 +375,13 @@ impl Gemma {
                     out_row,
                     rows: Some(n),
                 };
-                linear(
-                    rec,
-                    &a.h,
-                    &layer.gate,
-                    None,
-                    &a.gate,
-                    block(Act::GeluTanh, Combine::Store, r0, 0),
-                )?;
-                linear(
-                    rec,
-                    &a.h,
-                    &layer.up,
-                    None,
-                    &a.gate,
-                    block(Act::None, Combine::Mul, r0, 0),
-                )?;
-                linear(
-                    rec,
-                    &a.gate,
-                    &layer.down,
-                    None,
-                    &a.x,
-                    block(Act::None, Combine::Add, 0, r0),
-                )?;
+                linear(rec, &a.h, &layer.gate, None, &a.gate, block(Act::GeluTanh, Combine::Store, r0, 0))?;
+                linear(rec, &a.h, &layer.up, None, &a.gate, block(Act::None, Combine::Mul, r0, 0))?;
+                linear(rec, &a.gate, &layer.down, None, mlp_out, block(Act::None, mlp_combine, 0, r0))?;
+            }
+            if let (Some(branch), Some((_, post_ff))) = (&a.branch, &layer.ff_norms) {
+                rms_norm(rec, branch, post_ff, &a.h, eps, norm)?;
+                add(rec, &a.x, &a.h)?;
             }
         }
         let last = NormOpts {
@@ -361,6 +390,10 @@ impl Gemma {
             rows: Some(1),
         };
         rms_norm(rec, &a.x, &self.final_norm, &seq.last, eps, last)?;
-        linear(rec, &seq.last, &self.embed, None, &seq.logits, plain)
+        linear(rec, &seq.last, &self.embed, None, &seq.logits, plain)?;
+        if let Some(cap) = c.final_logit_softcapping {
+            softcap(rec, &seq.logits, 0, 1, cap)?;
+        }
+        Ok(())
     }
 }

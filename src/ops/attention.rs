@@ -7,7 +7,8 @@
 //! the keys `j < kv_len && (j < prefix_len || j <= pos)`. That one mask covers SigLIP
 //! (`prefix_len = kv_len = T`, bidirectional), Gemma prefill (`q_pos0 = 0`, `prefix_len` the
 //! prompt length: bidirectional over the prompt, causal after it) and decode (`q_rows = 1`,
-//! `q_pos0` the position, `kv_len = q_pos0 + 1`).
+//! `q_pos0` the position, `kv_len = q_pos0 + 1`). Gemma 2 adds a sliding window for queries
+//! past the prefix and a tanh soft-cap on the scores.
 
 use super::{check, u32_arg};
 use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
@@ -72,12 +73,28 @@ pub struct AttnOpts {
     /// Prefix-LM mask: a query at position `p` may attend key `j` iff
     /// `j < kv_len && (j < prefix_len || j <= p)`; `prefix_len <= kv_len`.
     pub prefix_len: usize,
+    /// Sliding window (0: none): a query past the prefix (`p >= prefix_len`) sees only keys
+    /// `j > p - window`, as Gemma 2's local layers; prefix queries keep the whole prefix.
+    pub window: usize,
+    /// Logit soft-cap (0: none): scores become `softcap · tanh(score / softcap)` before the
+    /// softmax (Gemma 2: 50).
+    pub softcap: f32,
 }
 
 impl AttnOpts {
-    /// Number of keys visible to query row `row` (keys `0..n`).
+    /// Number of keys visible to query row `row` (keys `first_key(row)..n`).
     fn keys_for(&self, row: usize) -> usize {
         self.kv_len.min(self.prefix_len.max(self.q_pos0 + row + 1))
+    }
+
+    /// First key visible to query row `row` (non-zero only inside a sliding window).
+    fn first_key(&self, row: usize) -> usize {
+        let pos = self.q_pos0 + row;
+        if self.window > 0 && pos >= self.prefix_len {
+            (pos + 1).saturating_sub(self.window)
+        } else {
+            0
+        }
     }
 }
 
@@ -97,7 +114,9 @@ struct Params {
     chunks: u32,
     count: u32,
     scale: f32,
-    pad: [u32; 3],
+    window: u32,
+    softcap: f32,
+    pad: u32,
 }
 
 /// Record `out[r] = attention(q[r], k[..kv_len], v[..kv_len])` for rows `0..q_rows`.
@@ -133,7 +152,7 @@ fn attention_with(
             o.heads, o.kv_heads
         )
     })?;
-    check(o.heads % o.kv_heads == 0, K, || {
+    check(o.heads.is_multiple_of(o.kv_heads), K, || {
         format!(
             "heads = {} is not a multiple of kv_heads = {}",
             o.heads, o.kv_heads
@@ -144,6 +163,9 @@ fn attention_with(
     })?;
     check(o.scale.is_finite(), K, || {
         format!("scale = {} is not finite", o.scale)
+    })?;
+    check(o.softcap.is_finite() && o.softcap >= 0.0, K, || {
+        format!("softcap = {} must be finite and >= 0", o.softcap)
     })?;
     for t in [q, k, v, out] {
         check(t.dtype() == DType::F32 && t.chunks().len() == 1, K, || {
@@ -225,7 +247,9 @@ fn attention_with(
         chunks: u32_arg(K, "chunks", chunks)?,
         count,
         scale: o.scale,
-        pad: [0; 3],
+        window: u32_arg(K, "window", o.window)?,
+        softcap: o.softcap,
+        pad: 0,
     };
     let key = KernelKey::new("attention", kernel.entry());
     let grid = rec.grid(count);
@@ -242,15 +266,20 @@ pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], opts: &At
     let (qs, kvs) = (o.heads * hd, o.kv_heads * hd);
     let mut scores = Vec::new();
     for r in 0..o.q_rows {
-        let n = o.keys_for(r);
+        let (lo, n) = (o.first_key(r), o.keys_for(r));
         for h in 0..o.heads {
             let qo = r * qs + h * hd;
             let ko = (h / group) * hd;
             let qv = &q[qo..qo + hd];
             scores.clear();
-            scores.extend((0..n).map(|j| {
+            scores.extend((lo..n).map(|j| {
                 let kr = &k[j * kvs + ko..j * kvs + ko + hd];
-                o.scale * qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>()
+                let s = o.scale * qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>();
+                if o.softcap > 0.0 {
+                    o.softcap * (s / o.softcap).tanh()
+                } else {
+                    s
+                }
             }));
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
@@ -260,7 +289,7 @@ pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], opts: &At
             }
             let dst = &mut out[qo..qo + hd];
             dst.fill(0.0);
-            for (j, pj) in scores.iter().enumerate() {
+            for (j, pj) in (lo..n).zip(&scores) {
                 let vr = &v[j * kvs + ko..j * kvs + ko + hd];
                 for (d, x) in dst.iter_mut().zip(vr) {
                     *d += pj * x;
@@ -298,6 +327,8 @@ mod tests {
                 q_pos0: 0,
                 kv_len: t,
                 prefix_len: t,
+                window: 0,
+                softcap: 0.0,
             },
             kv_rows: t,
             garbage: 0.0,
@@ -317,7 +348,10 @@ mod tests {
         v[o.kv_len * kvw..].fill(case.garbage);
         let mut want = vec![0.0; o.q_rows * qw];
         attention_ref(&q, &k[..o.kv_len * kvw], &v[..o.kv_len * kvw], &mut want, o);
-        assert!(want.iter().all(|x| x.is_finite()), "{what}: reference not finite");
+        assert!(
+            want.iter().all(|x| x.is_finite()),
+            "{what}: reference not finite"
+        );
         let qt = Tensor::from_f32(&gpu, "q", &[o.q_rows, qw], &q).unwrap();
         let kt = Tensor::from_f32(&gpu, "k", &[case.kv_rows, kvw], &k).unwrap();
         let vt = Tensor::from_f32(&gpu, "v", &[case.kv_rows, kvw], &v).unwrap();
@@ -347,11 +381,17 @@ mod tests {
                 let (qo, ko) = (r * qs + h * hd, (h / group) * hd);
                 let s: Vec<f64> = (0..k.len() / kvs)
                     .map(|j| {
-                        if j < o.kv_len && (j < o.prefix_len || j <= pos) {
+                        let in_window = o.window == 0 || pos < o.prefix_len || j + o.window > pos;
+                        if j < o.kv_len && (j < o.prefix_len || j <= pos) && in_window {
                             let dot: f64 = (0..hd)
                                 .map(|d| q[qo + d] as f64 * k[j * kvs + ko + d] as f64)
                                 .sum();
-                            dot * o.scale as f64
+                            let s = dot * o.scale as f64;
+                            if o.softcap > 0.0 {
+                                o.softcap as f64 * (s / o.softcap as f64).tanh()
+                            } else {
+                                s
+                            }
                         } else {
                             f64::NEG_INFINITY
                         }
@@ -390,6 +430,8 @@ mod tests {
                 q_pos0,
                 kv_len,
                 prefix_len,
+                window: 0,
+                softcap: 0.0,
             };
             let q = rand_vec(q_rows * 32, 2.0, 1);
             let k = rand_vec(24 * 16, 2.0, 2);
@@ -398,6 +440,67 @@ mod tests {
             attention_ref(&q, &k, &v, &mut got, &o);
             assert_close(&got, &naive(&q, &k, &v, &o), 1e-5, &format!("{o:?}"));
         }
+    }
+
+    #[test]
+    fn reference_applies_window_and_softcap() {
+        for (q_rows, q_pos0, kv_len, prefix_len, window) in
+            [(20, 0, 20, 7, 4), (1, 15, 16, 9, 3), (3, 10, 13, 12, 2), (5, 0, 20, 0, 1)]
+        {
+            let o = AttnOpts {
+                heads: 2,
+                kv_heads: 1,
+                head_dim: 8,
+                scale: 0.7,
+                q_rows,
+                q_pos0,
+                kv_len,
+                prefix_len,
+                window,
+                softcap: 3.0,
+            };
+            let q = rand_vec(q_rows * 16, 3.0, 4);
+            let k = rand_vec(24 * 8, 3.0, 5);
+            let v = rand_vec(24 * 8, 1.0, 6);
+            let mut got = vec![0.0; q_rows * 16];
+            attention_ref(&q, &k, &v, &mut got, &o);
+            assert_close(&got, &naive(&q, &k, &v, &o), 1e-5, &format!("{o:?}"));
+        }
+    }
+
+    #[test]
+    fn sliding_window_and_softcap_match_reference() {
+        // Gemma 2 local layers: prefix bidirectional, then causal within a window of 8.
+        let mut case = full(60, 4, 2, 16);
+        case.opts.prefix_len = 20;
+        case.opts.window = 8;
+        case.opts.softcap = 5.0;
+        case.qk_scale = 3.0;
+        run_case(&case, "prefill T=60 prefix=20 window=8 softcap=5");
+        // MHA rows past 128 queries per chunk: windows start in different key blocks.
+        let mut case = full(300, 1, 1, 8);
+        case.opts.prefix_len = 10;
+        case.opts.window = 40;
+        run_case(&case, "prefill T=300 window=40");
+        // Decode at position 99 with a window of 16 over a 128-row cache.
+        let case = Case {
+            opts: AttnOpts {
+                heads: 8,
+                kv_heads: 4,
+                head_dim: 16,
+                scale: 0.25,
+                q_rows: 1,
+                q_pos0: 99,
+                kv_len: 100,
+                prefix_len: 40,
+                window: 16,
+                softcap: 50.0,
+            },
+            kv_rows: 128,
+            garbage: f32::NAN,
+            qk_scale: 1.0,
+        };
+        run_case(&case, "decode pos=99 window=16");
     }
 
     #[test]
@@ -437,6 +540,8 @@ mod tests {
                     q_pos0: 40,
                     kv_len: 41,
                     prefix_len: 30,
+                    window: 0,
+                    softcap: 0.0,
                 },
                 kv_rows: 64,
                 garbage,
@@ -526,6 +631,8 @@ mod tests {
             AttnOpts {
                 kv_len: 9,
                 prefix_len: 9,
+                window: 0,
+                softcap: 0.0,
                 ..base
             },
             &kv,
@@ -537,6 +644,8 @@ mod tests {
         let e = err(
             AttnOpts {
                 prefix_len: 9,
+                window: 0,
+                softcap: 0.0,
                 ..base
             },
             &kv,
