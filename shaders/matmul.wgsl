@@ -12,6 +12,19 @@
 // `matmul`: 32x32 output tile per 8x8 workgroup, 4x4 outputs per thread, k in steps of 32.
 // `matvec`: for a few rows of x (decode); 64 threads split k, 4 output columns per workgroup,
 // row m of x is workgroup z.
+//
+// CPU adapters (lavapipe) run a workgroup on one CPU thread, its invocations as SIMD lanes,
+// and pay per load instruction: a load whose address differs between lanes is a loop over the
+// lanes, one whose address is the same in every lane (derived from workgroup ids, uniforms and
+// uniform loop counters only) a single scalar load. Workgroup memory and barriers do not help
+// there. The `*_lanes` kernels are laid out for that: every lane owns whole weight rows (output
+// columns) and walks k itself, reading 8 halves of each row per vec4<u32> load, while x is
+// read as vec4<f32> at addresses uniform across the lanes (they need k % 4 == 0, so that x
+// rows are vec4-aligned: x_stride == k). Accumulators are vec4s of 4 columns, unrolled by hand
+// (arrays indexed in loops end up in memory there).
+// `matmul_lanes`: 4 rows x 4 columns per lane (columns nb, nb + 64, nb + 128, nb + 192),
+// 4 rows x 256 columns per workgroup. `matvec_lanes`: one row, 8 columns per lane, 512
+// columns per workgroup (linear index wid.x + wid.y * nwg.x).
 
 struct Params {
     m: u32,
@@ -34,6 +47,8 @@ override MODE: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
+// The same binding seen as vec4s by the `*_lanes` kernels (x_stride % 4 == 0).
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
@@ -191,4 +206,163 @@ fn matvec(
     if (t < RV && n0 + t < p.n && row < p.m) {
         store(row, n0 + t, red[t * WG]);
     }
+}
+
+// Weights of 4 columns for one pair of k: `lo` for the even k, `hi` for the odd one. Each
+// argument holds the two halves of one column.
+struct Pair {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+fn pair(a: u32, b: u32, c: u32, d: u32) -> Pair {
+    let ua = unpack2x16float(a);
+    let ub = unpack2x16float(b);
+    let uc = unpack2x16float(c);
+    let ud = unpack2x16float(d);
+    return Pair(vec4<f32>(ua.x, ub.x, uc.x, ud.x), vec4<f32>(ua.y, ub.y, uc.y, ud.y));
+}
+
+// acc + x_lo * w.lo + x_hi * w.hi: two k steps for 4 columns.
+fn step2(acc: vec4<f32>, x_lo: f32, x_hi: f32, w: Pair) -> vec4<f32> {
+    return fma(vec4<f32>(x_hi), w.hi, fma(vec4<f32>(x_lo), w.lo, acc));
+}
+
+// Store 4 columns col, col + 64, col + 128, col + 192 of one row, those inside the chunk.
+fn store4(row: u32, col: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        if (col + 64u * c < p.n) {
+            store(row, col + 64u * c, v[c]);
+        }
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn matmul_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let nb = wid.x * 256u + t;
+    let m0 = wid.y * 4u;
+    // Out-of-range columns and rows read a valid one and are not stored.
+    let w0 = min(nb, p.n - 1u) * p.w_stride4;
+    let w1 = min(nb + 64u, p.n - 1u) * p.w_stride4;
+    let w2 = min(nb + 128u, p.n - 1u) * p.w_stride4;
+    let w3 = min(nb + 192u, p.n - 1u) * p.w_stride4;
+    let x0 = (min(m0, p.m - 1u) + p.x_row) * p.x_stride / 4u;
+    let x1 = (min(m0 + 1u, p.m - 1u) + p.x_row) * p.x_stride / 4u;
+    let x2 = (min(m0 + 2u, p.m - 1u) + p.x_row) * p.x_stride / 4u;
+    let x3 = (min(m0 + 3u, p.m - 1u) + p.x_row) * p.x_stride / 4u;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    // 8 values of k per step, then 4 more when k % 8 == 4.
+    let steps = p.k / 8u;
+    for (var j = 0u; j < steps; j++) {
+        let q0 = w[w0 + j];
+        let q1 = w[w1 + j];
+        let q2 = w[w2 + j];
+        let q3 = w[w3 + j];
+        {
+            let lo = pair(q0.x, q1.x, q2.x, q3.x);
+            let hi = pair(q0.y, q1.y, q2.y, q3.y);
+            let v0 = x4[x0 + 2u * j];
+            let v1 = x4[x1 + 2u * j];
+            let v2 = x4[x2 + 2u * j];
+            let v3 = x4[x3 + 2u * j];
+            a0 = step2(step2(a0, v0.x, v0.y, lo), v0.z, v0.w, hi);
+            a1 = step2(step2(a1, v1.x, v1.y, lo), v1.z, v1.w, hi);
+            a2 = step2(step2(a2, v2.x, v2.y, lo), v2.z, v2.w, hi);
+            a3 = step2(step2(a3, v3.x, v3.y, lo), v3.z, v3.w, hi);
+        }
+        {
+            let lo = pair(q0.z, q1.z, q2.z, q3.z);
+            let hi = pair(q0.w, q1.w, q2.w, q3.w);
+            let v0 = x4[x0 + 2u * j + 1u];
+            let v1 = x4[x1 + 2u * j + 1u];
+            let v2 = x4[x2 + 2u * j + 1u];
+            let v3 = x4[x3 + 2u * j + 1u];
+            a0 = step2(step2(a0, v0.x, v0.y, lo), v0.z, v0.w, hi);
+            a1 = step2(step2(a1, v1.x, v1.y, lo), v1.z, v1.w, hi);
+            a2 = step2(step2(a2, v2.x, v2.y, lo), v2.z, v2.w, hi);
+            a3 = step2(step2(a3, v3.x, v3.y, lo), v3.z, v3.w, hi);
+        }
+    }
+    if (steps * 8u < p.k) {
+        let lo = pair(w[w0 + steps].x, w[w1 + steps].x, w[w2 + steps].x, w[w3 + steps].x);
+        let hi = pair(w[w0 + steps].y, w[w1 + steps].y, w[w2 + steps].y, w[w3 + steps].y);
+        let v0 = x4[x0 + 2u * steps];
+        let v1 = x4[x1 + 2u * steps];
+        let v2 = x4[x2 + 2u * steps];
+        let v3 = x4[x3 + 2u * steps];
+        a0 = step2(step2(a0, v0.x, v0.y, lo), v0.z, v0.w, hi);
+        a1 = step2(step2(a1, v1.x, v1.y, lo), v1.z, v1.w, hi);
+        a2 = step2(step2(a2, v2.x, v2.y, lo), v2.z, v2.w, hi);
+        a3 = step2(step2(a3, v3.x, v3.y, lo), v3.z, v3.w, hi);
+    }
+    let rows = array<vec4<f32>, 4>(a0, a1, a2, a3);
+    for (var r = 0u; r < 4u; r++) {
+        if (m0 + r < p.m) {
+            store4(m0 + r, nb, rows[r]);
+        }
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn matvec_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let nb = (wid.x + wid.y * nwg.x) * 512u + t;
+    let w0 = min(nb, p.n - 1u) * p.w_stride4;
+    let w1 = min(nb + 64u, p.n - 1u) * p.w_stride4;
+    let w2 = min(nb + 128u, p.n - 1u) * p.w_stride4;
+    let w3 = min(nb + 192u, p.n - 1u) * p.w_stride4;
+    let w4 = min(nb + 256u, p.n - 1u) * p.w_stride4;
+    let w5 = min(nb + 320u, p.n - 1u) * p.w_stride4;
+    let w6 = min(nb + 384u, p.n - 1u) * p.w_stride4;
+    let w7 = min(nb + 448u, p.n - 1u) * p.w_stride4;
+    let xo = p.x_row * p.x_stride / 4u;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    let steps = p.k / 8u;
+    for (var j = 0u; j < steps; j++) {
+        let q0 = w[w0 + j];
+        let q1 = w[w1 + j];
+        let q2 = w[w2 + j];
+        let q3 = w[w3 + j];
+        let q4 = w[w4 + j];
+        let q5 = w[w5 + j];
+        let q6 = w[w6 + j];
+        let q7 = w[w7 + j];
+        let v = x4[xo + 2u * j];
+        let u = x4[xo + 2u * j + 1u];
+        a = step2(a, v.x, v.y, pair(q0.x, q1.x, q2.x, q3.x));
+        a = step2(a, v.z, v.w, pair(q0.y, q1.y, q2.y, q3.y));
+        a = step2(a, u.x, u.y, pair(q0.z, q1.z, q2.z, q3.z));
+        a = step2(a, u.z, u.w, pair(q0.w, q1.w, q2.w, q3.w));
+        b = step2(b, v.x, v.y, pair(q4.x, q5.x, q6.x, q7.x));
+        b = step2(b, v.z, v.w, pair(q4.y, q5.y, q6.y, q7.y));
+        b = step2(b, u.x, u.y, pair(q4.z, q5.z, q6.z, q7.z));
+        b = step2(b, u.z, u.w, pair(q4.w, q5.w, q6.w, q7.w));
+    }
+    if (steps * 8u < p.k) {
+        let v = x4[xo + 2u * steps];
+        let q0 = w[w0 + steps];
+        let q1 = w[w1 + steps];
+        let q2 = w[w2 + steps];
+        let q3 = w[w3 + steps];
+        let q4 = w[w4 + steps];
+        let q5 = w[w5 + steps];
+        let q6 = w[w6 + steps];
+        let q7 = w[w7 + steps];
+        a = step2(a, v.x, v.y, pair(q0.x, q1.x, q2.x, q3.x));
+        a = step2(a, v.z, v.w, pair(q0.y, q1.y, q2.y, q3.y));
+        b = step2(b, v.x, v.y, pair(q4.x, q5.x, q6.x, q7.x));
+        b = step2(b, v.z, v.w, pair(q4.y, q5.y, q6.y, q7.y));
+    }
+    store4(0u, nb, a);
+    store4(0u, nb + 256u, b);
 }

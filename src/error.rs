@@ -10,12 +10,12 @@ pub enum Error {
     #[error("GPU: {0}")]
     Gpu(String),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file involved.
         path: PathBuf,
-        /// The underlying I/O error.
-        source: std::io::Error,
+        /// The underlying I/O error (part of the message, so not repeated as a source).
+        err: std::io::Error,
     },
     /// A model directory or one of its files is missing or malformed.
     #[error("model: {0}")]
@@ -51,10 +51,10 @@ pub enum Error {
 
 impl Error {
     /// Wrap an I/O error with the path it happened on.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
 

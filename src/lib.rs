@@ -13,5 +13,6 @@ pub mod model;
 pub mod npy;
 pub mod ops;
 pub mod processor;
+pub mod tasks;
 
 pub use error::{Error, Result};

@@ -113,9 +113,12 @@ fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
 }
 
 fn elements<const N: usize>(path: &Path, h: &Header, bytes: &[u8]) -> Result<Vec<[u8; N]>> {
-    let count: usize = h.shape.iter().product();
-    let body = bytes
-        .get(h.data_offset..h.data_offset + count * N)
+    // Checked: a corrupt header may declare an absurd shape.
+    let body = h
+        .shape
+        .iter()
+        .try_fold(N, |len, &d| len.checked_mul(d))
+        .and_then(|len| bytes.get(h.data_offset..h.data_offset.checked_add(len)?))
         .ok_or_else(|| bad(path, "file shorter than its shape"))?;
     Ok(body
         .chunks_exact(N)
@@ -206,6 +209,9 @@ mod tests {
         let path = dir.join("bad.npy");
         std::fs::write(&path, b"hello").unwrap();
         assert!(read_f32(&path).is_err());
+        let huge = b"\x93NUMPY\x01\x00\x50\x00{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }\n";
+        let err = parse_f32(&path, huge).unwrap_err().to_string();
+        assert!(err.contains("shorter than its shape"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -137,16 +137,18 @@ fn rgba_224() {
 }
 
 #[test]
-fn fixture_model_configs_are_paligemma_224() {
+fn fixture_model_configs_are_paligemma_defaults() {
     let models = fixtures().join("models");
     let mut seen = 0;
     for entry in std::fs::read_dir(&models).unwrap() {
-        let path = entry.unwrap().path().join("preprocessor_config.json");
+        let dir = entry.unwrap().path();
+        let path = dir.join("preprocessor_config.json");
         if path.is_file() {
             let cfg = PreprocessorConfig::from_file(&path).unwrap();
+            let size = if dir.ends_with("tiny-448-f32") { 448 } else { 224 };
             assert_eq!(
                 cfg,
-                PreprocessorConfig::paligemma(224),
+                PreprocessorConfig::paligemma(size),
                 "{}",
                 path.display()
             );

@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use paligemma::generate::{GenerateOptions, SamplingParams};
 use paligemma::gpu::{Gpu, GpuOptions};
-use paligemma::model::{resolve_model_dir, ImageEncoder, PaliGemma};
+use paligemma::model::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma};
+use paligemma::tasks::{process_answer, OutputOptions};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +24,10 @@ struct Cli {
     /// Split weights into GPU bindings of at most this many bytes (testing aid).
     #[arg(long, global = true, value_name = "BYTES")]
     max_binding: Option<u64>,
+    /// Merge a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+    /// into the weights at load.
+    #[arg(long, global = true, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +78,22 @@ enum Command {
         /// With --json, record the K best log-probabilities of every step.
         #[arg(long, default_value_t = 0, value_name = "K")]
         top_logprobs: usize,
+        #[command(flatten)]
+        tasks: TaskArgs,
+    },
+    /// Parse a detect/segment answer (<locNNNN>/<segNNN> tokens) into boxes and masks.
+    Parse {
+        /// The answer text, e.g. "<loc0267><loc0099><loc0601><loc0252> cat".
+        #[arg(long)]
+        text: String,
+        /// The image the answer is about (boxes are in its pixels).
+        #[arg(long)]
+        image: PathBuf,
+        /// Print {"objects": [...]} as JSON instead of one line per object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        tasks: TaskArgs,
     },
     /// Measure cold start, time to first token, prefill and decode throughput against device
     /// probes, on a checkpoint or a synthetic model of PaliGemma-3B-224 shapes.
@@ -101,6 +122,31 @@ enum Command {
     },
 }
 
+/// Outputs for detect/segment answers.
+#[derive(clap::Args)]
+struct TaskArgs {
+    /// Mask decoder weights (big_vision's vae-oid.npz), to decode <segNNN> tokens.
+    #[arg(long, value_name = "FILE.npz")]
+    vae: Option<PathBuf>,
+    /// Write the image with the boxes, labels and masks drawn (PNG).
+    #[arg(long, value_name = "OUT.png")]
+    annotate: Option<PathBuf>,
+    /// Write one 8-bit mask PNG (0/255) per decoded mask into this directory.
+    #[arg(long, value_name = "DIR")]
+    mask_dir: Option<PathBuf>,
+}
+
+impl TaskArgs {
+    fn options(&self) -> Option<OutputOptions> {
+        let opts = OutputOptions {
+            vae: self.vae.clone(),
+            annotate: self.annotate.clone(),
+            mask_dir: self.mask_dir.clone(),
+        };
+        (opts.vae.is_some() || opts.annotate.is_some() || opts.mask_dir.is_some()).then_some(opts)
+    }
+}
+
 fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
     let gpu = Gpu::new(GpuOptions {
         weight_binding_limit: max_binding,
@@ -110,11 +156,16 @@ fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let load = LoadOptions {
+        progress: true,
+        adapter: cli.adapter.clone(),
+        ..Default::default()
+    };
     match cli.command {
         Command::EncodeImage { model, image, out } => {
             let dir = resolve_model_dir(&model)?;
             let gpu = open_gpu(cli.max_binding)?;
-            let encoder = ImageEncoder::load_on(gpu, &dir, true)?;
+            let encoder = ImageEncoder::load_on(gpu, &dir, &load)?;
             let pixels = encoder.images.load(&image)?;
             let features = encoder.encode(&pixels)?;
             let shape = [
@@ -135,6 +186,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             json,
             top_logprobs,
+            tasks,
         } => {
             let options = GenerateOptions {
                 max_new_tokens,
@@ -150,7 +202,7 @@ fn run(cli: Cli) -> Result<()> {
             options.sampling.validate()?;
             let dir = resolve_model_dir(&model)?;
             let gpu = open_gpu(cli.max_binding)?;
-            let model = PaliGemma::load_on(gpu, &dir, true)?;
+            let model = PaliGemma::load_with(gpu, &dir, &load)?;
             let pixels = model.images.load(&image)?;
             let mut stdout = std::io::stdout();
             let mut on_text = |t: &str| {
@@ -162,14 +214,47 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut result = model.generate(&pixels, &prompt, &options, &mut on_text)?;
             result.timings.load_s = model.load_seconds();
+            let report = match tasks.options() {
+                Some(opts) => Some(process_answer(&result.text, &image, &opts, || {
+                    Ok(model.gpu().clone())
+                })?),
+                None => None,
+            };
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&result).context("serialising the result")?
-                );
+                let mut value = serde_json::to_string(&result).context("serialising the result")?;
+                if let Some(r) = &report {
+                    let mut map: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_str(&value)?;
+                    map.insert("objects".into(), serde_json::to_value(&r.objects)?);
+                    value = serde_json::to_string(&map)?;
+                }
+                println!("{value}");
             } else {
                 println!();
+                if let Some(r) = &report {
+                    print!("{}", r.summary());
+                }
                 log::info!("timings: {:?}", result.timings);
+            }
+        }
+        Command::Parse {
+            text,
+            image,
+            json,
+            tasks,
+        } => {
+            let opts = tasks.options().unwrap_or_default();
+            let report = process_answer(&text, &image, &opts, || {
+                let gpu = Gpu::new(GpuOptions {
+                    weight_binding_limit: cli.max_binding,
+                })?;
+                eprintln!("adapter: {}", gpu.describe());
+                Ok(gpu)
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.summary());
             }
         }
         Command::Bench {

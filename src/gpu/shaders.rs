@@ -4,6 +4,7 @@
 pub const ALL: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("sample", include_str!("../../shaders/sample.wgsl")),
+    ("softcap", include_str!("../../shaders/softcap.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     (
         "elementwise",

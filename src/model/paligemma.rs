@@ -56,6 +56,8 @@ pub struct LoadOptions {
     pub gpu: GpuOptions,
     /// Show a progress bar on stderr while the weights upload.
     pub progress: bool,
+    /// A PEFT LoRA adapter directory to merge into the weights at load.
+    pub adapter: Option<PathBuf>,
 }
 
 /// A loaded PaliGemma model.
@@ -148,25 +150,26 @@ fn image_processor(dir: &Path, config: &PaliGemmaConfig) -> Result<ImageProcesso
     Ok(ImageProcessor::new(pre))
 }
 
-fn open_checkpoint(dir: &Path, progress: bool) -> Result<(PaliGemmaConfig, Checkpoint)> {
+fn open_checkpoint(dir: &Path, options: &LoadOptions) -> Result<(PaliGemmaConfig, Checkpoint)> {
     if !dir.is_dir() {
-        return Err(Error::Model(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+        return Err(Error::Model(format!("{} is not a directory", dir.display())));
     }
     let config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
     let mut ck = Checkpoint::open(dir)?;
-    if progress {
+    if let Some(adapter) = &options.adapter {
+        ck.add_adapter(adapter)?;
+    }
+    if options.progress {
         ck.show_progress();
     }
     Ok((config, ck))
 }
 
 impl ImageEncoder {
-    /// Load the vision tower and projector of the model in `dir` on `gpu`.
-    pub fn load_on(gpu: Arc<Gpu>, dir: &Path, progress: bool) -> Result<Self> {
-        let (config, mut ck) = open_checkpoint(dir, progress)?;
+    /// Load the vision tower and projector of the model in `dir` on `gpu` (`options.gpu` is
+    /// not used).
+    pub fn load_on(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let (config, mut ck) = open_checkpoint(dir, options)?;
         let images = image_processor(dir, &config)?;
         let vision = VisionTower::load(&ck, &gpu, &config)?;
         ck.finish_progress();
@@ -188,13 +191,23 @@ impl PaliGemma {
     /// Open the GPU and load the model in `dir`.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let gpu = Gpu::new(options.gpu.clone())?;
-        Self::load_on(gpu, dir, options.progress)
+        Self::load_with(gpu, dir, options)
     }
 
     /// Load the model in `dir` on an already open GPU.
     pub fn load_on(gpu: Arc<Gpu>, dir: &Path, progress: bool) -> Result<Self> {
+        let options = LoadOptions {
+            progress,
+            ..Default::default()
+        };
+        Self::load_with(gpu, dir, &options)
+    }
+
+    /// Load the model in `dir` on an already open GPU with `options` (progress bar, LoRA
+    /// adapter; `options.gpu` is not used).
+    pub fn load_with(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Self> {
         let start = Instant::now();
-        let (config, mut ck) = open_checkpoint(dir, progress)?;
+        let (config, mut ck) = open_checkpoint(dir, options)?;
         let images = image_processor(dir, &config)?;
         let prompts = PromptProcessor::from_dir(dir, &config)?;
         let vision = VisionTower::load(&ck, &gpu, &config)?;

@@ -215,6 +215,8 @@ impl VisionTower {
             q_pos0: 0,
             kv_len: n,
             prefix_len: n,
+            window: 0,
+            softcap: 0.0,
         };
         for layer in &self.layers[..layers.min(self.layers.len())] {
             layer_norm(

@@ -33,6 +33,17 @@ pub struct Checkpoint {
     tensors: HashMap<String, Entry>,
     synthetic: Option<u64>,
     progress: Option<ProgressBar>,
+    lora: HashMap<String, LoraDelta>,
+}
+
+/// A LoRA update `W += scale · B · A` for one weight, kept in f32 on the host.
+struct LoraDelta {
+    /// `[rank, in]`.
+    a: Vec<f32>,
+    /// `[out, rank]`.
+    b: Vec<f32>,
+    rank: usize,
+    scale: f32,
 }
 
 /// Deterministic values in [-scale, scale) for synthetic weights, from a name and a seed.
@@ -158,6 +169,7 @@ impl Checkpoint {
             tensors,
             synthetic: None,
             progress: None,
+            lora: HashMap::new(),
         })
     }
 
@@ -169,7 +181,94 @@ impl Checkpoint {
             tensors: HashMap::new(),
             synthetic: Some(seed),
             progress: None,
+            lora: HashMap::new(),
         }
+    }
+
+    /// Merge the LoRA adapter in `dir` (as written by PEFT: `adapter_config.json` and
+    /// `adapter_model.safetensors`) into the weights as they load: `W += (alpha / r) · B · A`
+    /// (`alpha / √r` with `use_rslora`), computed in f32 before rounding to f16.
+    pub fn add_adapter(&mut self, dir: &Path) -> Result<()> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
+        let bad = |msg: String| Error::Model(format!("{}: {msg}", cfg_path.display()));
+        let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+        if peft_type != "LORA" {
+            return Err(bad(format!("peft_type {peft_type:?} is not supported (only LORA)")));
+        }
+        let r = cfg
+            .get("r")
+            .and_then(|v| v.as_u64())
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
+        let alpha = cfg
+            .get("lora_alpha")
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| bad("`lora_alpha` is missing".into()))? as f32;
+        let rslora = cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if cfg.get(key).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
+                return Err(bad(format!("per-module `{key}` is not supported")));
+            }
+        }
+        if cfg.get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(bad("fan_in_fan_out adapters are not supported".into()));
+        }
+        let scale = if rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
+
+        let weights_path = dir.join("adapter_model.safetensors");
+        let mmap = map_file(&weights_path)?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+            Error::Model(format!("{}: not a valid safetensors file: {e}", weights_path.display()))
+        })?;
+        let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let view = st.tensor(name).map_err(|e| Error::tensor(name, e.to_string()))?;
+            if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(Error::tensor(name, format!("dtype {:?} is not supported", view.dtype())));
+            }
+            let mut out = vec![0.0f32; view.shape().iter().product()];
+            Self::convert(view.dtype(), view.data(), &mut out, |x| x, f16::to_f32);
+            Ok((view.shape().to_vec(), out))
+        };
+        let mut count = 0;
+        for name in st.names() {
+            let Some(module) = name.strip_suffix(".lora_A.weight") else {
+                if !name.ends_with(".lora_B.weight") {
+                    return Err(Error::tensor(
+                        name,
+                        "is neither a lora_A nor a lora_B weight (adapters with bias or                          modules_to_save are not supported)",
+                    ));
+                }
+                continue;
+            };
+            let module = module.strip_prefix("base_model.model.").unwrap_or(module);
+            let target = canonical_name(&format!("{module}.weight"));
+            let (a_shape, a) = read(name)?;
+            let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
+            let (b_shape, b) = read(&b_name)?;
+            let base = self.tensors.get(&target).ok_or_else(|| {
+                Error::tensor(name, format!("targets `{target}`, which the model does not have"))
+            })?;
+            let (out, inp) = (base.shape[0], base.shape[1..].iter().product::<usize>());
+            if a_shape != [r, inp] || b_shape != [out, r] {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "lora_A {a_shape:?} / lora_B {b_shape:?} do not fit rank {r} and `{target}` {:?}",
+                        base.shape
+                    ),
+                ));
+            }
+            self.lora.insert(target, LoraDelta { a, b, rank: r, scale });
+            count += 1;
+        }
+        if count == 0 {
+            return Err(Error::Model(format!("{}: no LoRA weights found", weights_path.display())));
+        }
+        log::info!("adapter {}: {count} LoRA updates, scale {scale}", dir.display());
+        Ok(())
     }
 
     /// Show a progress bar on stderr (bytes converted and uploaded) while tensors load.
@@ -286,9 +385,25 @@ impl Checkpoint {
         let e = self.entry(name, shape)?;
         let elem = if e.dtype == Dtype::F32 { 4 } else { 2 };
         let data = self.bytes(e);
+        let lora = self.lora.get(name);
+        let mut row = vec![0.0f32; if lora.is_some() { cols } else { 0 }];
         let t = Tensor::weight_f16(gpu, name, &[rows, cols], |r, dst| {
             let src = &data[r * cols * elem..(r + 1) * cols * elem];
-            Self::convert(e.dtype, src, dst, f16::from_f32, |h| h);
+            match lora {
+                None => Self::convert(e.dtype, src, dst, f16::from_f32, |h| h),
+                Some(d) => {
+                    Self::convert(e.dtype, src, &mut row, |x| x, f16::to_f32);
+                    for k in 0..d.rank {
+                        let coef = d.scale * d.b[r * d.rank + k];
+                        for (w, a) in row.iter_mut().zip(&d.a[k * cols..(k + 1) * cols]) {
+                            *w += coef * a;
+                        }
+                    }
+                    for (o, w) in dst.iter_mut().zip(&row) {
+                        *o = f16::from_f32(*w);
+                    }
+                }
+            }
             Ok(())
         })?;
         self.tick(e);

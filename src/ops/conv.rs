@@ -130,30 +130,35 @@ pub fn conv2d(
             out.name()
         )
     })?;
-    let ([b, h, wd, cin], [cout, kh, kw, wcin], [ob, oh, ow, oc]) = match (dims4(x), dims4(w), dims4(out)) {
-        (Some(a), Some(b), Some(c)) => (a, b, c),
-        _ => {
-            return Err(crate::Error::kernel(
-                KN,
-                format!(
-                    "{} {:?}, {} {:?} and {} {:?} must be 4-D",
-                    x.name(),
-                    x.shape(),
-                    w.name(),
-                    w.shape(),
-                    out.name(),
-                    out.shape()
-                ),
-            ))
-        }
-    };
+    let ([b, h, wd, cin], [cout, kh, kw, wcin], [ob, oh, ow, oc]) =
+        match (dims4(x), dims4(w), dims4(out)) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => {
+                return Err(crate::Error::kernel(
+                    KN,
+                    format!(
+                        "{} {:?}, {} {:?} and {} {:?} must be 4-D",
+                        x.name(),
+                        x.shape(),
+                        w.name(),
+                        w.shape(),
+                        out.name(),
+                        out.shape()
+                    ),
+                ))
+            }
+        };
     let k = spec.kernel;
     check(k > 0 && kh == k && kw == k, KN, || {
         format!("{} {:?} is not a {k}x{k} kernel", w.name(), w.shape())
     })?;
     check(spec.transposed_stride != Some(0), KN, || "stride 0".into())?;
     check(wcin == cin, KN, || {
-        format!("{} has {cin} channels, weight {} expects {wcin}", x.name(), w.name())
+        format!(
+            "{} has {cin} channels, weight {} expects {wcin}",
+            x.name(),
+            w.name()
+        )
     })?;
     check(bias.numel() == cout, KN, || {
         format!("bias {} must have {cout} values", bias.name())
@@ -161,7 +166,11 @@ pub fn conv2d(
     let (Some(want_h), Some(want_w)) = (spec.out_size(h), spec.out_size(wd)) else {
         return Err(crate::Error::kernel(
             KN,
-            format!("{} {:?} gives an empty output with {spec:?}", x.name(), x.shape()),
+            format!(
+                "{} {:?} gives an empty output with {spec:?}",
+                x.name(),
+                x.shape()
+            ),
         ));
     };
     check([ob, oh, ow, oc] == [b, want_h, want_w, cout], KN, || {
@@ -187,7 +196,10 @@ pub fn conv2d(
     };
     let key = KernelKey::new("conv", "conv2d")
         .with("K", u32_arg(KN, "kernel", k)?)
-        .with("STRIDE", u32_arg(KN, "stride", spec.transposed_stride.unwrap_or(1))?)
+        .with(
+            "STRIDE",
+            u32_arg(KN, "stride", spec.transposed_stride.unwrap_or(1))?,
+        )
         .with("PAD", u32_arg(KN, "padding", spec.pad)?)
         .with("TRANSPOSED", spec.transposed_stride.is_some() as u32)
         .with("RELU", spec.relu as u32)
@@ -281,8 +293,8 @@ pub fn conv2d_ref(
     for n in 0..b {
         for oy in 0..oh {
             for ox in 0..ow {
-                for co in 0..cout {
-                    let mut acc = bias[co];
+                for (co, &b0) in bias.iter().enumerate() {
+                    let mut acc = b0;
                     for ky in 0..k {
                         let Some(iy) = spec.source(oy, ky, h) else {
                             continue;
@@ -333,7 +345,12 @@ mod tests {
         let got = ot.read(&gpu).unwrap();
         let mut want = init;
         conv2d_ref(&x, x_dims, &wt, &bias, spec, &mut want);
-        assert_close(&got, &want, 1e-5, &format!("conv {x_dims:?} -> {cout} {spec:?}"));
+        assert_close(
+            &got,
+            &want,
+            1e-5,
+            &format!("conv {x_dims:?} -> {cout} {spec:?}"),
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! weights split over any number of chunks, f32 activations and accumulation.
 
 use super::{check, u32_arg, Act, Combine};
-use crate::gpu::{DType, KernelKey, Recorder, Tensor};
+use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
 use crate::Result;
 
 /// Options of a [`linear`] launch beyond its tensors.
@@ -39,6 +39,28 @@ struct Params {
 /// Rows at or below which the matrix-vector kernel is used instead of the tiled one.
 const MATVEC_MAX_ROWS: usize = 4;
 
+/// Which family of kernels a [`linear`] launch uses (`shaders/matmul.wgsl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernels {
+    /// For GPUs: threads of a workgroup share a tile or split k (`matmul`, `matvec`).
+    Threads,
+    /// For CPU adapters, whose workgroups are SIMD loops on one core: each lane owns whole
+    /// weight rows and x is read at lane-uniform addresses (`matmul_lanes`, `matvec_lanes`).
+    /// Needs `k % 4 == 0`.
+    Lanes,
+}
+
+impl Kernels {
+    /// The family for this adapter and width: lanes on CPU adapters when `k % 4 == 0`.
+    fn choose(gpu: &Gpu, k: usize) -> Self {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu && k.is_multiple_of(4) {
+            Kernels::Lanes
+        } else {
+            Kernels::Threads
+        }
+    }
+}
+
 /// Record `out[r] = combine(out[r], act(x[r] · Wᵀ + bias))` for the selected rows.
 /// `w` is an f16 `[n, k]` matrix (any number of chunks), `bias` an f32 `[n]` vector,
 /// `x` f32 `[.., k]`, `out` f32 `[.., n]`.
@@ -49,6 +71,20 @@ pub fn linear(
     bias: Option<&Tensor>,
     out: &Tensor,
     opts: LinearOpts,
+) -> Result<()> {
+    let kernels = Kernels::choose(rec.gpu(), w.cols());
+    linear_with(rec, x, w, bias, out, opts, kernels)
+}
+
+/// [`linear`] with the kernel family chosen by the caller (tests run both on one adapter).
+pub(crate) fn linear_with(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    opts: LinearOpts,
+    kernels: Kernels,
 ) -> Result<()> {
     const K: &str = "linear";
     let (n, k) = (w.rows(), w.cols());
@@ -98,8 +134,16 @@ pub fn linear(
             format!("bias {} must be f32 [{n}]", b.name())
         })?;
     }
-    let matvec = m <= MATVEC_MAX_ROWS;
-    let key = KernelKey::new("matmul", if matvec { "matvec" } else { "matmul" })
+    check(kernels == Kernels::Threads || k % 4 == 0, K, || {
+        format!("the lane kernels need k % 4 == 0, got k = {k}")
+    })?;
+    let entry = match (kernels, m) {
+        (Kernels::Lanes, 1) => "matvec_lanes",
+        (Kernels::Lanes, _) => "matmul_lanes",
+        (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS => "matvec",
+        (Kernels::Threads, _) => "matmul",
+    };
+    let key = KernelKey::new("matmul", entry)
         .with("HAS_BIAS", bias.is_some() as u32)
         .with("ACT", opts.act.code())
         .with("MODE", opts.combine.code());
@@ -119,11 +163,14 @@ pub fn linear(
         };
         let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
         let buffers = [x.buffer(), &chunk.buffer, bias_buf, out.buffer()];
-        let workgroups = if matvec {
-            let [gx, gy, _] = rec.grid(chunk.rows.div_ceil(4) as u32);
-            [gx, gy, m as u32]
-        } else {
-            [chunk.rows.div_ceil(32) as u32, m.div_ceil(32) as u32, 1]
+        let workgroups = match entry {
+            "matvec" => {
+                let [gx, gy, _] = rec.grid(chunk.rows.div_ceil(4) as u32);
+                [gx, gy, m as u32]
+            }
+            "matvec_lanes" => rec.grid(chunk.rows.div_ceil(512) as u32),
+            "matmul_lanes" => [chunk.rows.div_ceil(256) as u32, m.div_ceil(4) as u32, 1],
+            _ => [chunk.rows.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
         };
         rec.dispatch(&key, &params, &buffers, workgroups)?;
     }
@@ -158,6 +205,71 @@ mod tests {
     use super::*;
     use crate::ops::testutil::{assert_close, gpu_with_limit, rand_vec, round_f16};
 
+    /// The kernel families that can run a width-`k` launch.
+    fn families(k: usize) -> Vec<Kernels> {
+        let mut f = vec![Kernels::Threads];
+        if k.is_multiple_of(4) {
+            f.push(Kernels::Lanes);
+        }
+        f
+    }
+
+    /// Rows `x_row..x_row + m` of an `[x_rows, k]` input into rows `out_row..` of an
+    /// `[out_rows, n]` output, with every kernel family that supports `k`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_rows(
+        limit: Option<u64>,
+        (x_rows, x_row): (usize, usize),
+        (out_rows, out_row): (usize, usize),
+        m: usize,
+        n: usize,
+        k: usize,
+        bias: bool,
+        act: Act,
+        combine: Combine,
+    ) {
+        let gpu = gpu_with_limit(limit);
+        let x = rand_vec(x_rows * k, 1.0, 1);
+        let w = round_f16(&rand_vec(n * k, 0.5, 2));
+        let b = rand_vec(n, 0.3, 3);
+        let init = rand_vec(out_rows * n, 1.0, 4);
+        let xt = Tensor::from_f32(&gpu, "x", &[x_rows, k], &x).unwrap();
+        let wt = Tensor::weight_from_f32(&gpu, "w", &[n, k], &w).unwrap();
+        let bt = Tensor::from_f32(&gpu, "b", &[n], &b).unwrap();
+        if let Some(l) = limit {
+            assert!(wt.chunks().len() > 1 || (n * k.div_ceil(8) * 16) as u64 <= l);
+        }
+        let mut want = init.clone();
+        linear_ref(
+            &x[x_row * k..(x_row + m) * k],
+            &w,
+            bias.then_some(&b[..]),
+            m,
+            n,
+            k,
+            act,
+            combine,
+            &mut want[out_row * n..(out_row + m) * n],
+        );
+        for kernels in families(k) {
+            let ot = Tensor::from_f32(&gpu, "out", &[out_rows, n], &init).unwrap();
+            let mut rec = Recorder::new(&gpu);
+            let opts = LinearOpts {
+                act,
+                combine,
+                x_row,
+                out_row,
+                rows: Some(m),
+            };
+            let b = bias.then_some(&bt);
+            linear_with(&mut rec, &xt, &wt, b, &ot, opts, kernels).unwrap();
+            rec.run().unwrap();
+            let got = ot.read(&gpu).unwrap();
+            let what = format!("linear {kernels:?} m={m} n={n} k={k} {act:?} {combine:?}");
+            assert_close(&got, &want, 1e-4, &what);
+        }
+    }
+
     fn run_case(
         limit: Option<u64>,
         m: usize,
@@ -167,45 +279,7 @@ mod tests {
         act: Act,
         combine: Combine,
     ) {
-        let gpu = gpu_with_limit(limit);
-        let x = rand_vec(m * k, 1.0, 1);
-        let w = round_f16(&rand_vec(n * k, 0.5, 2));
-        let b = rand_vec(n, 0.3, 3);
-        let init = rand_vec(m * n, 1.0, 4);
-        let xt = Tensor::from_f32(&gpu, "x", &[m, k], &x).unwrap();
-        let wt = Tensor::weight_from_f32(&gpu, "w", &[n, k], &w).unwrap();
-        let bt = Tensor::from_f32(&gpu, "b", &[n], &b).unwrap();
-        let ot = Tensor::from_f32(&gpu, "out", &[m, n], &init).unwrap();
-        if let Some(l) = limit {
-            assert!(wt.chunks().len() > 1 || (n * k.div_ceil(8) * 16) as u64 <= l);
-        }
-        let mut rec = Recorder::new(&gpu);
-        let opts = LinearOpts {
-            act,
-            combine,
-            ..Default::default()
-        };
-        linear(&mut rec, &xt, &wt, bias.then_some(&bt), &ot, opts).unwrap();
-        rec.run().unwrap();
-        let got = ot.read(&gpu).unwrap();
-        let mut want = init.clone();
-        linear_ref(
-            &x,
-            &w,
-            bias.then_some(&b[..]),
-            m,
-            n,
-            k,
-            act,
-            combine,
-            &mut want,
-        );
-        assert_close(
-            &got,
-            &want,
-            1e-4,
-            &format!("linear m={m} n={n} k={k} {act:?} {combine:?}"),
-        );
+        run_rows(limit, (m, 0), (m, 0), m, n, k, bias, act, combine);
     }
 
     #[test]
@@ -214,6 +288,9 @@ mod tests {
         run_case(None, 64, 96, 128, false, Act::GeluTanh, Combine::Store);
         run_case(None, 33, 17, 250, true, Act::GeluTanh, Combine::Add);
         run_case(None, 40, 31, 9, true, Act::None, Combine::Mul);
+        // k % 8 == 4 (the lane kernels' half step) and more than 256 columns.
+        run_case(None, 9, 300, 100, true, Act::GeluTanh, Combine::Add);
+        run_case(None, 6, 520, 12, false, Act::None, Combine::Store);
     }
 
     #[test]
@@ -221,6 +298,46 @@ mod tests {
         run_case(None, 1, 45, 67, true, Act::None, Combine::Store);
         run_case(None, 3, 130, 200, true, Act::GeluTanh, Combine::Add);
         run_case(None, 1, 7, 1000, false, Act::None, Combine::Mul);
+        // More than 512 columns (two lane workgroups), k % 8 == 4.
+        run_case(None, 1, 1100, 36, true, Act::GeluTanh, Combine::Store);
+        run_case(None, 2, 600, 100, false, Act::None, Combine::Add);
+    }
+
+    #[test]
+    fn row_offsets_match_reference() {
+        run_rows(
+            None,
+            (7, 2),
+            (6, 3),
+            3,
+            70,
+            64,
+            true,
+            Act::None,
+            Combine::Add,
+        );
+        run_rows(
+            None,
+            (7, 5),
+            (4, 1),
+            1,
+            530,
+            64,
+            false,
+            Act::GeluTanh,
+            Combine::Store,
+        );
+        run_rows(
+            None,
+            (20, 3),
+            (12, 2),
+            10,
+            33,
+            72,
+            true,
+            Act::None,
+            Combine::Mul,
+        );
     }
 
     #[test]

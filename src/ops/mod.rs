@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod linear;
 pub mod sample;
+pub mod softcap;
 pub mod norm;
 pub mod patch;
 pub mod rope;

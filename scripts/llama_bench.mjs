@@ -1,0 +1,67 @@
+// Time llama.cpp (through node-llama-cpp's prebuilt Vulkan binaries) on a GGUF written by
+// make_gguf.py: cold first prefill (shader compilation included), warm prefill and greedy
+// decode, with the same token counts as `paligemma bench`. Prints one JSON object.
+//
+// usage: node scripts/llama_bench.mjs MODEL.gguf [prompt_tokens=266] [decode_steps=16]
+// Set GGML_VK_VISIBLE_DEVICES=0 to use the first Vulkan device (lavapipe on a CPU machine).
+
+import {join, dirname} from "node:path";
+import {fileURLToPath, pathToFileURL} from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const entry = process.env.NODE_LLAMA_CPP ??
+    join(here, ".llama/node_modules/node-llama-cpp/dist/index.js");
+const {getLlama, LlamaLogLevel} = await import(pathToFileURL(entry).href);
+
+const [modelPath, promptArg, stepsArg] = process.argv.slice(2);
+if (!modelPath) {
+    console.error("usage: node llama_bench.mjs MODEL.gguf [prompt_tokens] [decode_steps]");
+    process.exit(2);
+}
+const promptTokens = Number(promptArg ?? 266);
+const steps = Number(stepsArg ?? 16);
+const now = () => Number(process.hrtime.bigint()) / 1e9;
+
+const llama = await getLlama({gpu: "vulkan", build: "never", logLevel: LlamaLogLevel.warn});
+const gpuDevices = await llama.getGpuDeviceNames();
+let t = now();
+const model = await llama.loadModel({modelPath, gpuLayers: "max"});
+const loadS = now() - t;
+const context = await model.createContext({contextSize: 1024, batchSize: 512, sequences: 1});
+const seq = context.getSequence();
+// <bos> then ordinary pieces; the image positions of PaliGemma are plain tokens here.
+const prompt = [2, ...Array.from({length: promptTokens - 1}, (_, i) => 1000 + 37 * i)];
+
+async function prefill() {
+    await seq.clearHistory();
+    const t0 = now();
+    await seq.evaluateWithoutGeneratingNewTokens(prompt);
+    return now() - t0;
+}
+
+const coldPrefillS = await prefill();
+const prefillS = await prefill();
+
+// Greedy decode: time from the first generated token to the steps-th one after it.
+await seq.clearHistory();
+const times = [];
+for await (const _token of seq.evaluate(prompt, {temperature: 0})) {
+    times.push(now());
+    if (times.length > steps) break;
+}
+const decodeTokS = steps / (times[steps] - times[0]);
+
+console.log(JSON.stringify({
+    engine: "llama.cpp (node-llama-cpp, Vulkan)",
+    devices: gpuDevices,
+    prompt_tokens: promptTokens,
+    load_s: loadS,
+    cold_prefill_s: coldPrefillS,
+    prefill_s: prefillS,
+    prefill_tok_s: promptTokens / prefillS,
+    decode_steps: steps,
+    decode_tok_s: decodeTokS,
+}));
+await context.dispose();
+await model.dispose();
+await llama.dispose();
