@@ -215,3 +215,27 @@ fn gqa_bf16_sharded_generation() {
 fn mha_f32_v5_names_generation() {
     check_generation("tiny-mha-f32-v5", None);
 }
+
+#[test]
+fn paligemma2_vision() {
+    check_vision("tiny-pg2-f32", None, 2e-3);
+}
+
+/// PaliGemma 2: Gemma 2 decoder with soft-caps, query_pre_attn_scalar, extra norms and a
+/// sliding window of 8 on alternate layers (so generated tokens see only the last 8).
+#[test]
+fn paligemma2_generation() {
+    check_generation("tiny-pg2-f32", None);
+    check_generation("tiny-pg2-f32", Some(SPLIT_LIMIT));
+}
+
+/// 448 px: 1024 image tokens.
+#[test]
+fn res448_vision() {
+    check_vision("tiny-448-f32", None, 2e-3);
+}
+
+#[test]
+fn res448_generation() {
+    check_generation("tiny-448-f32", None);
+}
