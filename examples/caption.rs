@@ -44,10 +44,15 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let mut stdout = std::io::stdout();
-    let result = model.generate(&pixels, &format!("caption {}", args.lang), &options, &mut |t| {
-        print!("{t}");
-        stdout.flush().is_ok()
-    })?;
+    let result = model.generate(
+        &pixels,
+        &format!("caption {}", args.lang),
+        &options,
+        &mut |t| {
+            print!("{t}");
+            stdout.flush().is_ok()
+        },
+    )?;
     println!();
     eprintln!(
         "{} tokens, vision {:.2} s, prefill {:.2} s, decode {:.1} tok/s",

@@ -34,7 +34,10 @@ fn main() -> Result<()> {
     eprintln!("adapter: {}", model.gpu().describe());
     let pixels = model.images.load(&args.image)?;
     let questions = if args.questions.is_empty() {
-        vec!["what animal is this?".to_string(), "what colour is it?".to_string()]
+        vec![
+            "what animal is this?".to_string(),
+            "what colour is it?".to_string(),
+        ]
     } else {
         args.questions
     };
@@ -52,7 +55,11 @@ fn main() -> Result<()> {
                 }
                 Event::Done(result) => {
                     let g = (*result)?;
-                    println!("  [{} tokens, {:.1} tok/s]", g.token_ids.len(), g.timings.decode_tok_s);
+                    println!(
+                        "  [{} tokens, {:.1} tok/s]",
+                        g.token_ids.len(),
+                        g.timings.decode_tok_s
+                    );
                 }
             }
         }

@@ -6,9 +6,12 @@
 // round. The chains' sum is stored so nothing is optimised away.
 //
 // `read_probe`: streams `src` (vec4<f32>) once. Workgroup w reads the `per_group` vec4s from
-// w * per_group on, thread t the elements t, t + 64, t + 128, … of that block (the access
-// pattern of the matrix kernels: neighbouring threads read neighbouring 16-byte words), adds
-// them up, and the workgroup's sum goes to out[w] after a tree reduction.
+// w * per_group on, thread t the elements t, t + 64, t + 128, … of that block (neighbouring
+// threads read neighbouring 16-byte words: what GPUs coalesce), adds them up, and the
+// workgroup's sum goes to out[w] after a tree reduction.
+// `read_rows_probe`: the same block, but thread t streams its own contiguous run of
+// per_group / 64 vec4s (what CPU adapters, which run the threads as SIMD lanes of one core,
+// stream fastest: the layout of the `*_lanes` matrix kernels).
 
 struct Params {
     iters: u32,
@@ -61,6 +64,29 @@ fn read_probe(
             acc += src[base + i];
         }
     }
+    reduce(w, t, acc);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn read_rows_probe(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let w = wid.x + wid.y * nwg.x;
+    var acc = vec4<f32>(0.0);
+    if (w < p.groups) {
+        let run = p.per_group / WG;
+        let base = w * p.per_group + t * run;
+        for (var i = 0u; i < run; i++) {
+            acc += src[base + i];
+        }
+    }
+    reduce(w, t, acc);
+}
+
+// Tree-reduce the threads' sums; thread 0 stores the workgroup's.
+fn reduce(w: u32, t: u32, acc: vec4<f32>) {
     red[t] = dot(acc, vec4<f32>(1.0));
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {

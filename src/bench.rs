@@ -142,8 +142,13 @@ pub fn synthetic_config(layers: usize) -> Result<PaliGemmaConfig> {
 pub struct Probes {
     /// f32 FMA throughput, GFLOP/s (an FMA is 2 FLOP).
     pub fma_gflops: f64,
-    /// Storage-buffer read bandwidth with vec4 loads, GB/s (10⁹ bytes).
+    /// Storage-buffer read bandwidth with vec4 loads, GB/s (10⁹ bytes): the better of the
+    /// two access patterns below.
     pub read_gbs: f64,
+    /// Neighbouring threads read neighbouring vec4s (`read_probe`), GB/s.
+    pub read_interleaved_gbs: f64,
+    /// Each thread streams its own contiguous run (`read_rows_probe`), GB/s.
+    pub read_rows_gbs: f64,
     /// Bytes of the buffer the read probe streams.
     pub read_buffer_bytes: u64,
 }
@@ -378,8 +383,8 @@ struct ProbeParams {
 
 /// Threads per probe workgroup (the shader's `WG`).
 const PROBE_WG: u32 = 64;
-/// vec4 elements each read-probe workgroup streams (64 KiB).
-const READ_PER_GROUP: u32 = 4096;
+/// vec4 elements each read-probe workgroup streams (256 KiB).
+const READ_PER_GROUP: u32 = 16384;
 /// Largest buffer the read probe streams.
 const READ_MAX_BYTES: u64 = 256 << 20;
 /// A probe is scaled up until one run takes at least this long.
@@ -447,30 +452,36 @@ pub fn run_probes(gpu: &Gpu) -> Result<Probes> {
         at += n as u64;
     }
     let out = Tensor::zeros(gpu, "probe.sums", &[read_groups as usize])?;
-    let key = KernelKey::new("probe", "read_probe");
     let params = ProbeParams {
         iters: 0,
         per_group: READ_PER_GROUP,
         groups: read_groups,
         a: 0.0,
     };
-    let mut reps = 1;
-    let read_gbs = loop {
-        let mut rec = Recorder::new(gpu);
-        let grid = rec.grid(read_groups);
-        for _ in 0..reps {
-            rec.dispatch(&key, &params, &[out.buffer(), src.buffer()], grid)?;
+    let read = |entry: &'static str| -> Result<f64> {
+        let key = KernelKey::new("probe", entry);
+        let mut reps = 1;
+        loop {
+            let mut rec = Recorder::new(gpu);
+            let grid = rec.grid(read_groups);
+            for _ in 0..reps {
+                rec.dispatch(&key, &params, &[out.buffer(), src.buffer()], grid)?;
+            }
+            let plan = rec.finish()?;
+            let t = time_plan(gpu, &plan, 3)?;
+            if t >= PROBE_MIN_S || reps >= 256 {
+                return Ok((bytes * reps as u64) as f64 / t / 1e9);
+            }
+            reps *= (PROBE_MIN_S * 1.5 / t).clamp(2.0, 16.0) as usize;
         }
-        let plan = rec.finish()?;
-        let t = time_plan(gpu, &plan, 3)?;
-        if t >= PROBE_MIN_S || reps >= 256 {
-            break (bytes * reps as u64) as f64 / t / 1e9;
-        }
-        reps *= (PROBE_MIN_S * 1.5 / t).clamp(2.0, 16.0) as usize;
     };
+    let read_interleaved_gbs = read("read_probe")?;
+    let read_rows_gbs = read("read_rows_probe")?;
     Ok(Probes {
         fma_gflops,
-        read_gbs,
+        read_gbs: read_interleaved_gbs.max(read_rows_gbs),
+        read_interleaved_gbs,
+        read_rows_gbs,
         read_buffer_bytes: bytes,
     })
 }
@@ -577,9 +588,12 @@ impl BenchReport {
         if let Some(p) = &self.probes {
             let _ = writeln!(
                 s,
-                "probes: FMA {:.1} GFLOP/s, storage-buffer read {:.2} GB/s ({} buffer)",
+                "probes: FMA {:.1} GFLOP/s, storage-buffer read {:.2} GB/s (interleaved {:.2}, \
+                 per-thread runs {:.2}; {} buffer)",
                 p.fma_gflops,
                 p.read_gbs,
+                p.read_interleaved_gbs,
+                p.read_rows_gbs,
                 mib(p.read_buffer_bytes)
             );
         }

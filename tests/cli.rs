@@ -92,7 +92,12 @@ fn rewrite_weights(dir: &Path, edit: impl Fn(&str, &[usize], &[u8]) -> Edited) {
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = kept
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
@@ -107,14 +112,27 @@ fn encode_image_matches_hf_on_both_binding_paths() {
     let (m, img) = (model(), image("astronaut.png"));
     for extra in [&[][..], &["--max-binding", "65536"][..]] {
         let mut args = vec!["encode-image", "--model", m.to_str().unwrap()];
-        args.extend_from_slice(&["--image", img.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(&[
+            "--image",
+            img.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         args.extend_from_slice(extra);
         let o = run(&args, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
-        assert!(stderr(&o).contains("adapter:"), "the adapter is named on stderr");
+        assert!(
+            stderr(&o).contains("adapter:"),
+            "the adapter is named on stderr"
+        );
         let got = npy::read_f32(&out).unwrap();
         assert_eq!(got.shape, vec![256, 64]);
-        let err = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let err = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(err <= 2e-3, "max abs diff {err} with {extra:?}");
     }
 }
@@ -123,16 +141,33 @@ fn encode_image_matches_hf_on_both_binding_paths() {
 fn generate_json_matches_hf_greedy_ids() {
     let o = run(
         &[
-            "generate", "--model", model().to_str().unwrap(), "--image",
-            image("astronaut.png").to_str().unwrap(), "--prompt", "caption en",
-            "--max-new-tokens", "20", "--json", "--top-logprobs", "3",
+            "generate",
+            "--model",
+            model().to_str().unwrap(),
+            "--image",
+            image("astronaut.png").to_str().unwrap(),
+            "--prompt",
+            "caption en",
+            "--max-new-tokens",
+            "20",
+            "--json",
+            "--top-logprobs",
+            "3",
         ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
-    let ids: Vec<i64> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
-    let want = npy::read_i64(&model().join("ref/astronaut_gen_ids.npy")).unwrap().data;
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+    let ids: Vec<i64> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    let want = npy::read_i64(&model().join("ref/astronaut_gen_ids.npy"))
+        .unwrap()
+        .data;
     assert_eq!(ids, want);
     assert_eq!(v["prompt_tokens"], 260);
     let steps = v["steps"].as_array().unwrap();
@@ -158,21 +193,73 @@ fn model_resolves_from_the_hugging_face_cache() {
         }
     }
     let img = image("astronaut.png");
-    let args = ["generate", "--model", "acme/tiny", "--image", img.to_str().unwrap(), "--prompt", "caption en", "--max-new-tokens", "3"];
+    let args = [
+        "generate",
+        "--model",
+        "acme/tiny",
+        "--image",
+        img.to_str().unwrap(),
+        "--prompt",
+        "caption en",
+        "--max-new-tokens",
+        "3",
+    ];
     let o = run(&args, &[("HF_HOME", &home.0)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = run(&["generate", "--model", "acme/missing", "--image", "x.png", "--prompt", "p"], &[("HF_HOME", &home.0)]);
-    assert_fails(&o, &["acme/missing", "not in the local Hugging Face cache", "download"]);
+    let o = run(
+        &[
+            "generate",
+            "--model",
+            "acme/missing",
+            "--image",
+            "x.png",
+            "--prompt",
+            "p",
+        ],
+        &[("HF_HOME", &home.0)],
+    );
+    assert_fails(
+        &o,
+        &[
+            "acme/missing",
+            "not in the local Hugging Face cache",
+            "download",
+        ],
+    );
 }
 
 #[test]
 fn bad_model_directories_are_named() {
-    let o = run(&["encode-image", "--model", "/nonexistent/model", "--image", "a.png", "--out", "o.npy"], &[]);
+    let o = run(
+        &[
+            "encode-image",
+            "--model",
+            "/nonexistent/model",
+            "--image",
+            "a.png",
+            "--out",
+            "o.npy",
+        ],
+        &[],
+    );
     assert_fails(&o, &["/nonexistent/model", "not a model directory"]);
 
     let missing = TempDir::model_copy("missing-tensor");
-    rewrite_weights(&missing.0, |n, s, b| (n != FC1_BIAS).then(|| (s.to_vec(), b.to_vec())));
-    let o = run(&["encode-image", "--model", missing.path(), "--image", image("astronaut.png").to_str().unwrap(), "--out", "o.npy"], &[]);
+    rewrite_weights(&missing.0, |n, s, b| {
+        (n != FC1_BIAS).then(|| (s.to_vec(), b.to_vec()))
+    });
+    let o = run(
+        &[
+            "encode-image",
+            "--model",
+            missing.path(),
+            "--image",
+            image("astronaut.png").to_str().unwrap(),
+            "--out",
+            "o.npy",
+        ],
+        &[],
+    );
     assert_fails(&o, &[FC1_BIAS, "missing"]);
 
     let shape = TempDir::model_copy("wrong-shape");
@@ -183,14 +270,36 @@ fn bad_model_directories_are_named() {
             Some((s.to_vec(), b.to_vec()))
         }
     });
-    let o = run(&["encode-image", "--model", shape.path(), "--image", image("astronaut.png").to_str().unwrap(), "--out", "o.npy"], &[]);
+    let o = run(
+        &[
+            "encode-image",
+            "--model",
+            shape.path(),
+            "--image",
+            image("astronaut.png").to_str().unwrap(),
+            "--out",
+            "o.npy",
+        ],
+        &[],
+    );
     assert_fails(&o, &[FC1_BIAS, "has shape [95]", "[96]"]);
 
     let short = TempDir::model_copy("short");
     let path = short.0.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
-    let o = run(&["encode-image", "--model", short.path(), "--image", image("astronaut.png").to_str().unwrap(), "--out", "o.npy"], &[]);
+    let o = run(
+        &[
+            "encode-image",
+            "--model",
+            short.path(),
+            "--image",
+            image("astronaut.png").to_str().unwrap(),
+            "--out",
+            "o.npy",
+        ],
+        &[],
+    );
     assert_fails(&o, &["model.safetensors", "not a valid safetensors file"]);
 
     let zero = TempDir::model_copy("zero-heads");
@@ -199,12 +308,34 @@ fn bad_model_directories_are_named() {
     let mut v = v;
     v["text_config"]["num_attention_heads"] = 0.into();
     std::fs::write(zero.0.join("config.json"), v.to_string()).unwrap();
-    let o = run(&["generate", "--model", zero.path(), "--image", image("astronaut.png").to_str().unwrap(), "--prompt", "caption en"], &[]);
+    let o = run(
+        &[
+            "generate",
+            "--model",
+            zero.path(),
+            "--image",
+            image("astronaut.png").to_str().unwrap(),
+            "--prompt",
+            "caption en",
+        ],
+        &[],
+    );
     assert_fails(&o, &["config.json", "num_attention_heads is 0"]);
 
     let notok = TempDir::model_copy("no-tokenizer");
     std::fs::remove_file(notok.0.join("tokenizer.json")).unwrap();
-    let o = run(&["generate", "--model", notok.path(), "--image", image("astronaut.png").to_str().unwrap(), "--prompt", "caption en"], &[]);
+    let o = run(
+        &[
+            "generate",
+            "--model",
+            notok.path(),
+            "--image",
+            image("astronaut.png").to_str().unwrap(),
+            "--prompt",
+            "caption en",
+        ],
+        &[],
+    );
     assert_fails(&o, &["tokenizer.json is missing"]);
 }
 
@@ -216,7 +347,18 @@ fn bad_images_are_named() {
         ("huge_header.png", "30000x30000"),
         ("does_not_exist.png", "does_not_exist.png"),
     ] {
-        let o = run(&["encode-image", "--model", model().to_str().unwrap(), "--image", image(file).to_str().unwrap(), "--out", "/tmp/never.npy"], &[]);
+        let o = run(
+            &[
+                "encode-image",
+                "--model",
+                model().to_str().unwrap(),
+                "--image",
+                image(file).to_str().unwrap(),
+                "--out",
+                "/tmp/never.npy",
+            ],
+            &[],
+        );
         assert_fails(&o, &[needle]);
     }
 }
@@ -225,16 +367,76 @@ fn bad_images_are_named() {
 fn bad_requests_are_explained() {
     let m = model();
     let img = image("astronaut.png");
-    let base = ["generate", "--model", m.to_str().unwrap(), "--image", img.to_str().unwrap()];
+    let base = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+    ];
     let with = |extra: &[&str]| {
         let mut a = base.to_vec();
         a.extend_from_slice(extra);
         run(&a, &[])
     };
     assert_fails(&with(&["--prompt", "caption <image> en"]), &["<image>"]);
-    assert_fails(&with(&["--prompt", "caption en", "--max-new-tokens", "10000000"]), &["10000000", "8192 positions"]);
-    assert_fails(&with(&["--prompt", "caption en", "--max-new-tokens", "0"]), &["at least 1"]);
-    assert_fails(&with(&["--prompt", "caption en", "--top-p", "0"]), &["top-p"]);
+    assert_fails(
+        &with(&["--prompt", "caption en", "--max-new-tokens", "10000000"]),
+        &["10000000", "8192 positions"],
+    );
+    assert_fails(
+        &with(&["--prompt", "caption en", "--max-new-tokens", "0"]),
+        &["at least 1"],
+    );
+    assert_fails(
+        &with(&["--prompt", "caption en", "--top-p", "0"]),
+        &["top-p"],
+    );
     let long = "a ".repeat(9000);
-    assert_fails(&with(&["--prompt", &long, "--max-new-tokens", "1"]), &["8192 positions"]);
+    assert_fails(
+        &with(&["--prompt", &long, "--max-new-tokens", "1"]),
+        &["8192 positions"],
+    );
+}
+
+#[test]
+fn bad_adapters_are_explained() {
+    let m = model();
+    let img = image("astronaut.png");
+    let gen = |adapter: &str| {
+        run(
+            &[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--image",
+                img.to_str().unwrap(),
+                "--prompt",
+                "caption en",
+                "--adapter",
+                adapter,
+            ],
+            &[],
+        )
+    };
+    assert_fails(
+        &gen("/nonexistent/adapter"),
+        &["/nonexistent/adapter/adapter_config.json"],
+    );
+    let good = fixtures().join("adapters/tiny-mqa-lora");
+    let copy = TempDir::new("rank");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(good.join(f), copy.0.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(copy.0.join("adapter_config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["r"] = 8.into();
+    std::fs::write(copy.0.join("adapter_config.json"), v.to_string()).unwrap();
+    assert_fails(&gen(copy.path()), &["lora_A", "do not fit rank 8"]);
+    v["r"] = 4.into();
+    v["use_dora"] = true.into();
+    std::fs::write(copy.0.join("adapter_config.json"), v.to_string()).unwrap();
+    assert_fails(&gen(copy.path()), &["use_dora"]);
+    let o = gen(good.to_str().unwrap());
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -26,13 +26,19 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
     let table_bytes = 257_216u64 * 2048 * 2;
     let chunks = text.embed.chunks().len();
     assert!(chunks as u64 >= table_bytes.div_ceil(gpu.weight_chunk_bytes()));
-    assert!(chunks > 1, "the 1 GB embedding table must be split (limit {} bytes)", gpu.weight_chunk_bytes());
+    assert!(
+        chunks > 1,
+        "the 1 GB embedding table must be split (limit {} bytes)",
+        gpu.weight_chunk_bytes()
+    );
 
     let s = 224;
     let pixels = PixelValues {
         height: s,
         width: s,
-        data: (0..3 * s * s).map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0).collect(),
+        data: (0..3 * s * s)
+            .map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0)
+            .collect(),
     };
     let va = vision.activations(&gpu).unwrap();
     vision.upload(&gpu, &va, &pixels).unwrap();
@@ -49,22 +55,34 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
     assert_eq!(ids.len(), 266);
     let mut seq = text.sequence(&gpu, ids.len(), 3).unwrap();
     let mut rec = Recorder::new(&gpu);
-    text.record_prefill(&mut rec, &mut seq, &ids, Some(&va.features)).unwrap();
+    text.record_prefill(&mut rec, &mut seq, &ids, Some(&va.features))
+        .unwrap();
     rec.run().unwrap();
 
     for step in 0..3 {
         let logits = seq.logits.read(&gpu).unwrap();
         assert_eq!(logits.len(), 257_216);
-        assert!(logits.iter().all(|v| v.is_finite()), "step {step}: non-finite logits");
+        assert!(
+            logits.iter().all(|v| v.is_finite()),
+            "step {step}: non-finite logits"
+        );
         // One row from each chunk of the LM head (and the last row) against the host.
         let hidden = seq.last_hidden().read(&gpu).unwrap();
-        let mut rows: Vec<usize> = text.embed.chunks().iter().map(|c| c.row_start + c.rows / 2).collect();
+        let mut rows: Vec<usize> = text
+            .embed
+            .chunks()
+            .iter()
+            .map(|c| c.row_start + c.rows / 2)
+            .collect();
         rows.push(257_215);
         for row in rows {
             let w = text.embed.read_rows(&gpu, row, 1).unwrap();
             let want: f32 = w.iter().zip(&hidden).map(|(a, b)| a * b).sum();
             let got = logits[row];
-            assert!((got - want).abs() <= 1e-3 * (1.0 + want.abs()), "step {step}, row {row}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                "step {step}, row {row}: {got} vs {want}"
+            );
         }
         if step < 2 {
             let id = argmax(&logits);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use paligemma::generate::GenerateOptions;
 use paligemma::gpu::{Gpu, GpuOptions, Recorder};
 use paligemma::model::siglip::VisionTower;
-use paligemma::model::{Checkpoint, PaliGemma, PaliGemmaConfig};
+use paligemma::model::{Checkpoint, LoadOptions, PaliGemma, PaliGemmaConfig};
 use paligemma::npy;
 use paligemma::processor::image::PixelValues;
 
@@ -98,10 +98,25 @@ fn check_vision(model: &str, limit: Option<u64>, tol: f32) {
 /// a random-weight model's greedy path is not robust to that (preprocessing is checked on its
 /// own in tests/preprocess.rs).
 fn check_generation(model: &str, limit: Option<u64>) {
+    check_generation_with(model, None, limit);
+}
+
+/// As [`check_generation`], optionally with a LoRA adapter from `tests/fixtures/adapters`
+/// (whose own `ref/` then holds the expected outputs of the merged model).
+fn check_generation_with(model: &str, adapter: Option<&str>, limit: Option<u64>) {
     let dir = fixtures().join("models").join(model);
-    let pg = PaliGemma::load_on(gpu(limit), &dir, false).unwrap();
+    let options = LoadOptions {
+        adapter: adapter.map(|a| fixtures().join("adapters").join(a)),
+        ..Default::default()
+    };
+    let pg = PaliGemma::load_with(gpu(limit), &dir, &options).unwrap();
+    let ref_dir = options.adapter.clone().unwrap_or_else(|| dir.clone());
+    // HF's reference for an adapter uses the merged f32 weights, which the engine stores in
+    // f16: the fixture script measured that rounding alone moves log-probabilities by up to
+    // 0.251 (same greedy ids), so that is the bound there; base models are f16-exact.
+    let tol = if adapter.is_some() { 0.26 } else { 0.02 };
     for (img, file, prompt) in PAIRS {
-        let r = |s: &str| dir.join(format!("ref/{img}_{s}.npy"));
+        let r = |s: &str| ref_dir.join(format!("ref/{img}_{s}.npy"));
         let want_ids: Vec<u32> = npy::read_i64(&r("input_ids"))
             .unwrap()
             .data
@@ -147,7 +162,7 @@ fn check_generation(model: &str, limit: Option<u64>) {
                 match want_ids.iter().position(|&w| w == *id as i64) {
                     Some(k) => worst = worst.max((lp - want_lp[k]).abs()),
                     None => assert!(
-                        *lp <= want_lp[4] + 0.02,
+                        *lp <= want_lp[4] + tol,
                         "{model} {img}: step {s}: id {id} ({lp}) not in HF's top-5 {want_ids:?} {want_lp:?}"
                     ),
                 }
@@ -155,7 +170,7 @@ fn check_generation(model: &str, limit: Option<u64>) {
             for (w, wlp) in want_ids.iter().zip(want_lp) {
                 if !step.top.iter().any(|(id, _)| *id as i64 == *w) {
                     assert!(
-                        *wlp <= step.top[4].1 + 0.02,
+                        *wlp <= step.top[4].1 + tol,
                         "{model} {img}: step {s}: HF's id {w} ({wlp}) missing from ours {:?}",
                         step.top
                     );
@@ -165,19 +180,33 @@ fn check_generation(model: &str, limit: Option<u64>) {
         eprintln!(
             "{model} {img} limit {limit:?}: 20 ids equal, top-5 logprob max diff {worst:.2e}"
         );
-        assert!(worst <= 0.02, "{model} {img}: top-5 logprob diff {worst}");
-        let text = std::fs::read_to_string(dir.join(format!("ref/{img}_gen_text.txt"))).unwrap();
+        assert!(
+            worst <= tol,
+            "{model} {img}: top-5 logprob diff {worst} > {tol}"
+        );
+        let text =
+            std::fs::read_to_string(ref_dir.join(format!("ref/{img}_gen_text.txt"))).unwrap();
         assert_eq!(out.text, text, "{model} {img}: decoded text");
         // Without top-k the greedy token is picked on the GPU and only it is read back.
         let fast = GenerateOptions {
             top_logprobs: 0,
             ..options
         };
-        let out = pg.generate_ids(&pixels, &ids, &fast, &mut |_| true).unwrap();
-        assert_eq!(out.token_ids, gen, "{model} {img}: greedy ids picked on the GPU");
+        let out = pg
+            .generate_ids(&pixels, &ids, &fast, &mut |_| true)
+            .unwrap();
+        assert_eq!(
+            out.token_ids, gen,
+            "{model} {img}: greedy ids picked on the GPU"
+        );
         for (s, step) in out.steps.iter().enumerate() {
             let d = (step.logprob - top_lp[s * 5]).abs();
-            assert!(d <= 0.02, "{model} {img}: step {s} logprob {} vs {}", step.logprob, top_lp[s * 5]);
+            assert!(
+                d <= tol,
+                "{model} {img}: step {s} logprob {} vs {}",
+                step.logprob,
+                top_lp[s * 5]
+            );
         }
     }
 }
@@ -238,4 +267,12 @@ fn res448_vision() {
 #[test]
 fn res448_generation() {
     check_generation("tiny-448-f32", None);
+}
+
+/// A PEFT LoRA adapter (r 4, alpha 8, on q/k/v/o/gate/up/down) merged at load, against HF's
+/// `merge_and_unload()`; also through the 64 KiB split path.
+#[test]
+fn lora_adapter_generation() {
+    check_generation_with("tiny-mqa-f32", Some("tiny-mqa-lora"), None);
+    check_generation_with("tiny-mqa-f32", Some("tiny-mqa-lora"), Some(SPLIT_LIMIT));
 }

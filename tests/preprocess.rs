@@ -145,7 +145,11 @@ fn fixture_model_configs_are_paligemma_defaults() {
         let path = dir.join("preprocessor_config.json");
         if path.is_file() {
             let cfg = PreprocessorConfig::from_file(&path).unwrap();
-            let size = if dir.ends_with("tiny-448-f32") { 448 } else { 224 };
+            let size = if dir.ends_with("tiny-448-f32") {
+                448
+            } else {
+                224
+            };
             assert_eq!(
                 cfg,
                 PreprocessorConfig::paligemma(size),

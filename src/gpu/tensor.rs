@@ -281,7 +281,11 @@ impl Tensor {
         if start + count > self.rows() {
             return Err(Error::tensor(
                 &self.name,
-                format!("rows {start}..{} outside {} rows", start + count, self.rows()),
+                format!(
+                    "rows {start}..{} outside {} rows",
+                    start + count,
+                    self.rows()
+                ),
             ));
         }
         let cols = self.cols();

@@ -130,7 +130,10 @@ impl Fields<'_> {
             None => Ok(default),
             Some(Value::Null) => Ok(None),
             Some(v) => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| {
-                Error::Model(format!("config.json: {}{key} = {v} is not a number", self.section))
+                Error::Model(format!(
+                    "config.json: {}{key} = {v} is not a number",
+                    self.section
+                ))
             }),
         }
     }
@@ -275,7 +278,8 @@ impl PaliGemmaConfig {
                 head_dim as f32
             },
             sliding_window: if gemma2 {
-                tf.opt_f32("sliding_window", Some(4096.0))?.map(|w| w as usize)
+                tf.opt_f32("sliding_window", Some(4096.0))?
+                    .map(|w| w as usize)
             } else {
                 None
             },
@@ -393,9 +397,14 @@ impl PaliGemmaConfig {
             ));
         }
         if t.query_pre_attn_scalar <= 0.0 || t.sliding_window == Some(0) {
-            return err("text_config.query_pre_attn_scalar and sliding_window must be positive".into());
+            return err(
+                "text_config.query_pre_attn_scalar and sliding_window must be positive".into(),
+            );
         }
-        for cap in [t.attn_logit_softcapping, t.final_logit_softcapping].into_iter().flatten() {
+        for cap in [t.attn_logit_softcapping, t.final_logit_softcapping]
+            .into_iter()
+            .flatten()
+        {
             if cap <= 0.0 || !cap.is_finite() {
                 return err(format!("soft-cap {cap} must be a positive number"));
             }

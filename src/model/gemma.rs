@@ -341,7 +341,17 @@ impl Gemma {
                 (true, Some(w)) => w,
                 _ => 0,
             };
-            attention(rec, &a.q, kc, vc, &a.attn, &AttnOpts { window, ..attn_opts })?;
+            attention(
+                rec,
+                &a.q,
+                kc,
+                vc,
+                &a.attn,
+                &AttnOpts {
+                    window,
+                    ..attn_opts
+                },
+            )?;
             let residual = LinearOpts {
                 combine: Combine::Add,
                 ..plain
@@ -375,9 +385,30 @@ impl Gemma {
                     out_row,
                     rows: Some(n),
                 };
-                linear(rec, &a.h, &layer.gate, None, &a.gate, block(Act::GeluTanh, Combine::Store, r0, 0))?;
-                linear(rec, &a.h, &layer.up, None, &a.gate, block(Act::None, Combine::Mul, r0, 0))?;
-                linear(rec, &a.gate, &layer.down, None, mlp_out, block(Act::None, mlp_combine, 0, r0))?;
+                linear(
+                    rec,
+                    &a.h,
+                    &layer.gate,
+                    None,
+                    &a.gate,
+                    block(Act::GeluTanh, Combine::Store, r0, 0),
+                )?;
+                linear(
+                    rec,
+                    &a.h,
+                    &layer.up,
+                    None,
+                    &a.gate,
+                    block(Act::None, Combine::Mul, r0, 0),
+                )?;
+                linear(
+                    rec,
+                    &a.gate,
+                    &layer.down,
+                    None,
+                    mlp_out,
+                    block(Act::None, mlp_combine, 0, r0),
+                )?;
             }
             if let (Some(branch), Some((_, post_ff))) = (&a.branch, &layer.ff_norms) {
                 rms_norm(rec, branch, post_ff, &a.h, eps, norm)?;

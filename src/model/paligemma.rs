@@ -152,7 +152,10 @@ fn image_processor(dir: &Path, config: &PaliGemmaConfig) -> Result<ImageProcesso
 
 fn open_checkpoint(dir: &Path, options: &LoadOptions) -> Result<(PaliGemmaConfig, Checkpoint)> {
     if !dir.is_dir() {
-        return Err(Error::Model(format!("{} is not a directory", dir.display())));
+        return Err(Error::Model(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
     }
     let config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
     let mut ck = Checkpoint::open(dir)?;
@@ -323,7 +326,9 @@ impl PaliGemma {
                 return *result;
             }
         }
-        Err(Error::Gpu("the generation worker stopped without a result".into()))
+        Err(Error::Gpu(
+            "the generation worker stopped without a result".into(),
+        ))
     }
 
     /// As [`PaliGemma::generate`] with the prompt already tokenized (image placeholders

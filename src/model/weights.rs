@@ -194,9 +194,14 @@ impl Checkpoint {
         let cfg: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
         let bad = |msg: String| Error::Model(format!("{}: {msg}", cfg_path.display()));
-        let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+        let peft_type = cfg
+            .get("peft_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("LORA");
         if peft_type != "LORA" {
-            return Err(bad(format!("peft_type {peft_type:?} is not supported (only LORA)")));
+            return Err(bad(format!(
+                "peft_type {peft_type:?} is not supported (only LORA)"
+            )));
         }
         let r = cfg
             .get("r")
@@ -207,26 +212,47 @@ impl Checkpoint {
             .get("lora_alpha")
             .and_then(|v| v.as_f64())
             .ok_or_else(|| bad("`lora_alpha` is missing".into()))? as f32;
-        let rslora = cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        let rslora = cfg
+            .get("use_rslora")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         for key in ["rank_pattern", "alpha_pattern"] {
-            if cfg.get(key).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
+            if cfg
+                .get(key)
+                .and_then(|v| v.as_object())
+                .is_some_and(|m| !m.is_empty())
+            {
                 return Err(bad(format!("per-module `{key}` is not supported")));
             }
         }
-        if cfg.get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(bad("fan_in_fan_out adapters are not supported".into()));
+        for key in ["fan_in_fan_out", "use_dora"] {
+            if cfg.get(key).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(bad(format!("`{key}` adapters are not supported")));
+            }
         }
-        let scale = if rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
+        let scale = if rslora {
+            alpha / (r as f32).sqrt()
+        } else {
+            alpha / r as f32
+        };
 
         let weights_path = dir.join("adapter_model.safetensors");
         let mmap = map_file(&weights_path)?;
         let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-            Error::Model(format!("{}: not a valid safetensors file: {e}", weights_path.display()))
+            Error::Model(format!(
+                "{}: not a valid safetensors file: {e}",
+                weights_path.display()
+            ))
         })?;
         let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let view = st.tensor(name).map_err(|e| Error::tensor(name, e.to_string()))?;
+            let view = st
+                .tensor(name)
+                .map_err(|e| Error::tensor(name, e.to_string()))?;
             if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-                return Err(Error::tensor(name, format!("dtype {:?} is not supported", view.dtype())));
+                return Err(Error::tensor(
+                    name,
+                    format!("dtype {:?} is not supported", view.dtype()),
+                ));
             }
             let mut out = vec![0.0f32; view.shape().iter().product()];
             Self::convert(view.dtype(), view.data(), &mut out, |x| x, f16::to_f32);
@@ -249,7 +275,10 @@ impl Checkpoint {
             let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
             let (b_shape, b) = read(&b_name)?;
             let base = self.tensors.get(&target).ok_or_else(|| {
-                Error::tensor(name, format!("targets `{target}`, which the model does not have"))
+                Error::tensor(
+                    name,
+                    format!("targets `{target}`, which the model does not have"),
+                )
             })?;
             let (out, inp) = (base.shape[0], base.shape[1..].iter().product::<usize>());
             if a_shape != [r, inp] || b_shape != [out, r] {
@@ -261,13 +290,27 @@ impl Checkpoint {
                     ),
                 ));
             }
-            self.lora.insert(target, LoraDelta { a, b, rank: r, scale });
+            self.lora.insert(
+                target,
+                LoraDelta {
+                    a,
+                    b,
+                    rank: r,
+                    scale,
+                },
+            );
             count += 1;
         }
         if count == 0 {
-            return Err(Error::Model(format!("{}: no LoRA weights found", weights_path.display())));
+            return Err(Error::Model(format!(
+                "{}: no LoRA weights found",
+                weights_path.display()
+            )));
         }
-        log::info!("adapter {}: {count} LoRA updates, scale {scale}", dir.display());
+        log::info!(
+            "adapter {}: {count} LoRA updates, scale {scale}",
+            dir.display()
+        );
         Ok(())
     }
 

@@ -444,9 +444,12 @@ mod tests {
 
     #[test]
     fn reference_applies_window_and_softcap() {
-        for (q_rows, q_pos0, kv_len, prefix_len, window) in
-            [(20, 0, 20, 7, 4), (1, 15, 16, 9, 3), (3, 10, 13, 12, 2), (5, 0, 20, 0, 1)]
-        {
+        for (q_rows, q_pos0, kv_len, prefix_len, window) in [
+            (20, 0, 20, 7, 4),
+            (1, 15, 16, 9, 3),
+            (3, 10, 13, 12, 2),
+            (5, 0, 20, 0, 1),
+        ] {
             let o = AttnOpts {
                 heads: 2,
                 kv_heads: 1,

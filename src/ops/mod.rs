@@ -6,11 +6,11 @@ pub mod conv;
 pub mod elementwise;
 pub mod embed;
 pub mod linear;
-pub mod sample;
-pub mod softcap;
 pub mod norm;
 pub mod patch;
 pub mod rope;
+pub mod sample;
+pub mod softcap;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -17,9 +17,11 @@ struct Params {
 /// (a U32 tensor of 4 values); read it with [`read_pick`].
 pub fn argmax_logprob(rec: &mut Recorder, logits: &Tensor, row: usize, out: &Tensor) -> Result<()> {
     const K: &str = "argmax_logprob";
-    check(logits.dtype() == DType::F32 && row < logits.rows(), K, || {
-        format!("row {row} of {} is not an f32 row", logits.name())
-    })?;
+    check(
+        logits.dtype() == DType::F32 && row < logits.rows(),
+        K,
+        || format!("row {row} of {} is not an f32 row", logits.name()),
+    )?;
     check(out.dtype() == DType::U32 && out.numel() == 4, K, || {
         format!("{} must be u32 [4]", out.name())
     })?;
@@ -37,7 +39,11 @@ pub fn argmax_logprob(rec: &mut Recorder, logits: &Tensor, row: usize, out: &Ten
 pub fn read_pick(gpu: &Gpu, out: &Tensor) -> Result<(u32, f32)> {
     let raw = gpu.read_bytes(out.buffer(), 0, 16)?;
     let w: &[u32] = bytemuck::cast_slice(&raw);
-    let (best, max, sum) = (f32::from_bits(w[1]), f32::from_bits(w[2]), f32::from_bits(w[3]));
+    let (best, max, sum) = (
+        f32::from_bits(w[1]),
+        f32::from_bits(w[2]),
+        f32::from_bits(w[3]),
+    );
     Ok((w[0], best - max - sum.ln()))
 }
 
@@ -64,7 +70,10 @@ mod tests {
         let (id, lp) = read_pick(&gpu, &out).unwrap();
         let (want_id, want_lp) = argmax_logprob_ref(&logits[row * n..(row + 1) * n]);
         assert_eq!(id, want_id);
-        assert!((lp - want_lp).abs() < 1e-4 * (1.0 + want_lp.abs()), "{lp} vs {want_lp}");
+        assert!(
+            (lp - want_lp).abs() < 1e-4 * (1.0 + want_lp.abs()),
+            "{lp} vs {want_lp}"
+        );
     }
 
     #[test]
@@ -89,8 +98,14 @@ mod tests {
         let t = Tensor::zeros(&gpu, "logits", &[1, 10]).unwrap();
         let out = Tensor::zeros(&gpu, "pick", &[4]).unwrap();
         let mut rec = Recorder::new(&gpu);
-        assert!(argmax_logprob(&mut rec, &t, 0, &out).is_err(), "f32 output is rejected");
+        assert!(
+            argmax_logprob(&mut rec, &t, 0, &out).is_err(),
+            "f32 output is rejected"
+        );
         let out = Tensor::from_u32(&gpu, "pick", &[4], &[0; 4]).unwrap();
-        assert!(argmax_logprob(&mut rec, &t, 1, &out).is_err(), "row out of range");
+        assert!(
+            argmax_logprob(&mut rec, &t, 1, &out).is_err(),
+            "row out of range"
+        );
     }
 }

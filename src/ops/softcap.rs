@@ -17,8 +17,12 @@ struct Params {
 /// Record `x = cap · tanh(x / cap)` on rows `row..row + rows` of the f32 tensor `x`.
 pub fn softcap(rec: &mut Recorder, x: &Tensor, row: usize, rows: usize, cap: f32) -> Result<()> {
     const K: &str = "softcap";
-    check(x.dtype() == DType::F32, K, || format!("{} must be f32", x.name()))?;
-    check(cap > 0.0 && cap.is_finite(), K, || format!("cap {cap} must be positive"))?;
+    check(x.dtype() == DType::F32, K, || {
+        format!("{} must be f32", x.name())
+    })?;
+    check(cap > 0.0 && cap.is_finite(), K, || {
+        format!("cap {cap} must be positive")
+    })?;
     check(rows > 0 && row + rows <= x.rows(), K, || {
         format!("rows {row}..{} outside {}", row + rows, x.name())
     })?;
@@ -30,7 +34,12 @@ pub fn softcap(rec: &mut Recorder, x: &Tensor, row: usize, rows: usize, cap: f32
         pad: 0,
     };
     let workgroups = rec.grid(u32_arg(K, "workgroups", n.div_ceil(256))?);
-    rec.dispatch(&KernelKey::new("softcap", "softcap"), &params, &[x.buffer()], workgroups)?;
+    rec.dispatch(
+        &KernelKey::new("softcap", "softcap"),
+        &params,
+        &[x.buffer()],
+        workgroups,
+    )?;
     Ok(())
 }
 
