@@ -26,6 +26,10 @@ NODE_LLAMA_CPP_VERSION=3.21.1
 GGUF_VERSION=0.19.0
 mkdir -p "$OUT"
 export GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0}
+# Cold starts are measured with an empty Mesa shader cache (lavapipe compiles every pipeline
+# with LLVM, and would otherwise reuse what an earlier run compiled), one per engine.
+CACHE=$(mktemp -d)
+trap 'rm -rf "$CACHE"' EXIT
 
 # HF needs torch + transformers: the first of $HF_PYTHON, /opt/pgvenv, scripts/.venv that has
 # them; else they are installed into scripts/.venv from scripts/requirements.txt.
@@ -56,13 +60,14 @@ fi
 
 echo "== this engine (paligemma bench, synthetic, $LAYERS layers per tower)" >&2
 cargo build --release --locked --bin paligemma >&2
-target/release/paligemma bench --layers "$LAYERS" --text-tokens "$TEXT_TOKENS" \
-    --decode-steps "$STEPS" --json >"$OUT/engine.json"
+MESA_SHADER_CACHE_DIR="$CACHE/engine" target/release/paligemma bench --layers "$LAYERS" \
+    --text-tokens "$TEXT_TOKENS" --decode-steps "$STEPS" --runs 2 --json >"$OUT/engine.json"
 
 echo "== llama.cpp Vulkan (random Gemma-2B-shaped GGUF, $LAYERS layers)" >&2
 GGUF="$OUT/gemma2b-${LAYERS}l.gguf"
 [ -f "$GGUF" ] || scripts/.venv/bin/python scripts/make_gguf.py "$GGUF" --layers "$LAYERS"
-node scripts/llama_bench.mjs "$GGUF" "$PROMPT" "$STEPS" >"$OUT/llama.json"
+MESA_SHADER_CACHE_DIR="$CACHE/llama" node scripts/llama_bench.mjs "$GGUF" "$PROMPT" "$STEPS" \
+    >"$OUT/llama.json"
 
 echo "== HF transformers on the CPU ($HF_PYTHON)" >&2
 "$HF_PYTHON" scripts/hf_bench.py --layers "$LAYERS" --text-tokens "$TEXT_TOKENS" \

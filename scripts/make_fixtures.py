@@ -24,6 +24,9 @@ What it writes (see tests/fixtures/README.md, which this script also writes):
   models/<name>/     tiny random PaliGemma checkpoints (HF layout) + tokenizer
   models/<name>/ref/ reference activations / logits / greedy generations (.npy)
 
+scripts/make_fixtures_v2.py (run after this script) imports the helpers below and adds a
+PaliGemma 2 model, a 448-px model and a LoRA adapter; this script leaves those files alone.
+
 Weight init: the default HF init (std 0.02) yields near-uniform logits, so every
 parameter is re-initialised with larger scales (see `reinit`) and then ROUNDED to
 float16-representable values (float32 checkpoints) or to bfloat16 (bf16 checkpoint),

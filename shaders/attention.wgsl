@@ -11,7 +11,8 @@
 // Gemma 2: with window > 0, a query past the prefix (pos >= prefix_len) sees only keys
 // j >= lo(pos) = pos + 1 - window; with softcap > 0, s_j = softcap * tanh(s_j / softcap).
 //
-// q, out  f32 [rows, heads * head_dim], row stride q_stride; head h at columns h * head_dim ..
+// q, out  f32 [rows, heads * head_dim], row stride q_stride; head h at columns h * head_dim ..;
+//         query row r is buffer row q_row0 + r (a batch keeps several sequences' rows).
 // k, v    f32 [max_rows, kv_heads * head_dim], row stride kv_stride.
 //
 // Two entry points compute the same thing; the launcher picks `attention_lanes` on CPU adapters
@@ -50,7 +51,7 @@ struct Params {
     scale: f32,
     window: u32,
     softcap: f32,
-    _pad0: u32,
+    q_row0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -134,7 +135,7 @@ fn attention(
             let head = kh * p.group + f % p.group;
             n_i[i] = keys_for(row);
             lo_i[i] = first_key(row);
-            base[i] = row * p.q_stride + head * hd;
+            base[i] = (p.q_row0 + row) * p.q_stride + head * hd;
         }
     }
     for (var i = 0u; i < NQ; i++) {
@@ -278,7 +279,7 @@ fn attention_lanes(
         let row = f / p.group;
         n[i] = keys_for(row);
         lo[i] = first_key(row);
-        base[i] = row * p.q_stride + (kh * p.group + f % p.group) * hd;
+        base[i] = (p.q_row0 + row) * p.q_stride + (kh * p.group + f % p.group) * hd;
     }
     let two = first + t + 64u < items;
     var qv: array<vec2<f32>, MAXD>;

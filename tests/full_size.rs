@@ -59,15 +59,22 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
         .unwrap();
     rec.run().unwrap();
 
+    let batch = text.batch(&gpu, 1).unwrap();
+    let mut seqs = vec![seq];
     for step in 0..3 {
-        let logits = seq.logits.read(&gpu).unwrap();
+        // Step 0 reads the prefill's outputs, later steps the batch's.
+        let (logits, last) = match step {
+            0 => (&seqs[0].logits, seqs[0].last_hidden()),
+            _ => (&batch.logits, batch.last_hidden()),
+        };
+        let hidden = last.read(&gpu).unwrap();
+        let logits = logits.read(&gpu).unwrap();
         assert_eq!(logits.len(), 257_216);
         assert!(
             logits.iter().all(|v| v.is_finite()),
             "step {step}: non-finite logits"
         );
         // One row from each chunk of the LM head (and the last row) against the host.
-        let hidden = seq.last_hidden().read(&gpu).unwrap();
         let mut rows: Vec<usize> = text
             .embed
             .chunks()
@@ -87,9 +94,11 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
         if step < 2 {
             let id = argmax(&logits);
             let mut rec = Recorder::new(&gpu);
-            text.record_step(&mut rec, &mut seq, id).unwrap();
+            text.record_step(&mut rec, &batch, &mut seqs, &[id])
+                .unwrap();
             rec.run().unwrap();
         }
     }
+    let seq = &seqs[0];
     assert_eq!(seq.len(), 268);
 }

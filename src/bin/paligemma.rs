@@ -110,6 +110,9 @@ enum Command {
         /// Decode steps to time.
         #[arg(long, default_value_t = 16)]
         decode_steps: usize,
+        /// Warm requests to run; each figure is the best of them.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
         /// Skip the model; run the device probes only.
         #[arg(long, conflicts_with = "no_probes")]
         probes_only: bool,
@@ -262,6 +265,7 @@ fn run(cli: Cli) -> Result<()> {
             layers,
             text_tokens,
             decode_steps,
+            runs,
             probes_only,
             no_probes,
             json,
@@ -271,6 +275,7 @@ fn run(cli: Cli) -> Result<()> {
                 layers,
                 text_tokens,
                 decode_steps,
+                runs,
                 run_model: !probes_only,
                 probes: !no_probes,
                 ..Default::default()

@@ -72,7 +72,7 @@ struct Acts {
     branch: Option<Tensor>,
 }
 
-/// The per-sequence state: KV cache, RoPE table and activations for prefill and decode.
+/// The per-sequence state: KV cache, RoPE table and the prefill's activations.
 pub struct Sequence {
     capacity: usize,
     prefix_len: usize,
@@ -81,10 +81,32 @@ pub struct Sequence {
     v_cache: Vec<Tensor>,
     rope: RopeTable,
     prefill: Acts,
-    step: Acts,
     last: Tensor,
-    /// Logits of the last processed position `[1, vocab]`.
+    /// Logits of the last prompt position `[1, vocab]` (after the prefill).
     pub logits: Tensor,
+}
+
+/// Activations of a decode step for up to `size` sequences at once: one row per sequence,
+/// so every weight is read once per step for the whole batch.
+pub struct Batch {
+    step: Acts,
+    k_new: Tensor,
+    v_new: Tensor,
+    last: Tensor,
+    /// Logits of the step `[size, vocab]`, row `b` for sequence `b`.
+    pub logits: Tensor,
+}
+
+impl Batch {
+    /// How many sequences a step can hold.
+    pub fn size(&self) -> usize {
+        self.step.rows
+    }
+
+    /// The final-normed hidden states of the last step `[size, hidden]`.
+    pub fn last_hidden(&self) -> &Tensor {
+        &self.last
+    }
 }
 
 impl Sequence {
@@ -103,8 +125,8 @@ impl Sequence {
         self.capacity
     }
 
-    /// The final-normed hidden state of the last processed position `[1, hidden]` (the
-    /// LM head's input).
+    /// The final-normed hidden state of the last prompt position `[1, hidden]` (the LM
+    /// head's input).
     pub fn last_hidden(&self) -> &Tensor {
         &self.last
     }
@@ -215,9 +237,24 @@ impl Gemma {
             v_cache,
             rope: RopeTable::new(gpu, capacity, c.head_dim, c.rope_theta)?,
             prefill: self.acts(gpu, prefix_len, "prefill")?,
-            step: self.acts(gpu, 1, "step")?,
             last: Tensor::zeros(gpu, "last", &[1, c.hidden_size])?,
             logits: Tensor::zeros(gpu, "logits", &[1, c.vocab_size])?,
+        })
+    }
+
+    /// Allocate decode-step activations for `size` sequences.
+    pub fn batch(&self, gpu: &Gpu, size: usize) -> Result<Batch> {
+        let c = &self.cfg;
+        if size == 0 {
+            return Err(Error::Request("a batch needs at least one sequence".into()));
+        }
+        let kvd = c.num_key_value_heads * c.head_dim;
+        Ok(Batch {
+            step: self.acts(gpu, size, "step")?,
+            k_new: Tensor::zeros(gpu, "step.k", &[size, kvd])?,
+            v_new: Tensor::zeros(gpu, "step.v", &[size, kvd])?,
+            last: Tensor::zeros(gpu, "step.last", &[size, c.hidden_size])?,
+            logits: Tensor::zeros(gpu, "step.logits", &[size, c.vocab_size])?,
         })
     }
 
@@ -273,157 +310,254 @@ impl Gemma {
             }
             copy_rows(rec, f, 0, &seq.prefill.x, 0, f.rows())?;
         }
-        self.record_layers(rec, seq, false)?;
+        self.record_prefill_layers(rec, seq)?;
         seq.len = ids.len();
         Ok(())
     }
 
-    /// Record one decode step for token `id` at the next position; leaves its logits in
-    /// `seq.logits`.
-    pub fn record_step(&self, rec: &mut Recorder, seq: &mut Sequence, id: u32) -> Result<()> {
-        if seq.len == 0 || seq.len >= seq.capacity {
+    /// Record one decode step: sequence `b` of `seqs` takes token `ids[b]` at its next
+    /// position; its logits land in row `b` of `batch.logits`. Sequences may be at different
+    /// positions; `seqs.len()` may be smaller than the batch.
+    pub fn record_step(
+        &self,
+        rec: &mut Recorder,
+        batch: &Batch,
+        seqs: &mut [Sequence],
+        ids: &[u32],
+    ) -> Result<()> {
+        let n = seqs.len();
+        if n == 0 || n != ids.len() || n > batch.size() {
             return Err(Error::Request(format!(
-                "decode step at position {} of a sequence with capacity {}",
-                seq.len, seq.capacity
+                "decode step for {n} sequences with {} ids on a batch of {}",
+                ids.len(),
+                batch.size()
             )));
         }
-        self.check_ids(&[id])?;
+        for seq in seqs.iter() {
+            if seq.len == 0 || seq.len >= seq.capacity {
+                return Err(Error::Request(format!(
+                    "decode step at position {} of a sequence with capacity {}",
+                    seq.len, seq.capacity
+                )));
+            }
+        }
+        self.check_ids(ids)?;
+        let a = &batch.step;
         rec.gpu()
             .queue
-            .write_buffer(seq.step.ids.buffer(), 0, bytemuck::bytes_of(&id));
-        let scale = (self.cfg.hidden_size as f32).sqrt();
-        embed(
-            rec,
-            &self.embed,
-            &seq.step.ids,
-            &seq.step.x,
-            0,
-            scale,
-            Combine::Store,
-        )?;
-        self.record_layers(rec, seq, true)?;
-        seq.len += 1;
+            .write_buffer(a.ids.buffer(), 0, bytemuck::cast_slice(ids));
+        let c = &self.cfg;
+        let scale = (c.hidden_size as f32).sqrt();
+        embed(rec, &self.embed, &a.ids, &a.x, 0, scale, Combine::Store)?;
+        let rows = Some(n);
+        let plain = LinearOpts {
+            rows,
+            ..Default::default()
+        };
+        let norm = NormOpts {
+            rows,
+            ..Default::default()
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(rec, &a.x, &layer.input_norm, &a.h, c.rms_norm_eps, norm)?;
+            linear(rec, &a.h, &layer.q, None, &a.q, plain)?;
+            linear(rec, &a.h, &layer.k, None, &batch.k_new, plain)?;
+            linear(rec, &a.h, &layer.v, None, &batch.v_new, plain)?;
+            for (b, seq) in seqs.iter().enumerate() {
+                let (kc, vc, pos) = (&seq.k_cache[l], &seq.v_cache[l], seq.len);
+                copy_rows(rec, &batch.k_new, b, kc, pos, 1)?;
+                copy_rows(rec, &batch.v_new, b, vc, pos, 1)?;
+                rope(rec, &a.q, c.num_attention_heads, b, 1, pos, &seq.rope)?;
+                rope(rec, kc, c.num_key_value_heads, pos, 1, pos, &seq.rope)?;
+                let opts = AttnOpts {
+                    q_rows: 1,
+                    q_row0: b,
+                    q_pos0: pos,
+                    kv_len: pos + 1,
+                    prefix_len: seq.prefix_len,
+                    ..self.attn_opts(l)
+                };
+                attention(rec, &a.q, kc, vc, &a.attn, &opts)?;
+            }
+            self.record_ffn(rec, a, layer, n)?;
+        }
+        self.record_head(rec, a, 0, n, &batch.last, &batch.logits)?;
+        for seq in seqs.iter_mut() {
+            seq.len += 1;
+        }
         Ok(())
     }
 
-    fn record_layers(&self, rec: &mut Recorder, seq: &Sequence, step: bool) -> Result<()> {
+    /// Attention options of layer `l` (window, soft-cap, scale), to be completed with the
+    /// rows and positions.
+    fn attn_opts(&self, l: usize) -> AttnOpts {
         let c = &self.cfg;
-        let a = if step { &seq.step } else { &seq.prefill };
-        let (rows, pos0) = (a.rows, seq.len);
-        let eps = c.rms_norm_eps;
-        let attn_opts = AttnOpts {
+        AttnOpts {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
             scale: c.query_pre_attn_scalar.powf(-0.5),
-            q_rows: rows,
-            q_pos0: pos0,
-            kv_len: pos0 + rows,
-            prefix_len: seq.prefix_len,
-            window: 0,
-            softcap: c.attn_logit_softcapping.unwrap_or(0.0),
-        };
-        let plain = LinearOpts::default();
-        let norm = NormOpts::default();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (kc, vc) = (&seq.k_cache[l], &seq.v_cache[l]);
-            rms_norm(rec, &a.x, &layer.input_norm, &a.h, eps, norm)?;
-            linear(rec, &a.h, &layer.q, None, &a.q, plain)?;
-            let to_cache = LinearOpts {
-                out_row: pos0,
-                ..plain
-            };
-            linear(rec, &a.h, &layer.k, None, kc, to_cache)?;
-            linear(rec, &a.h, &layer.v, None, vc, to_cache)?;
-            rope(rec, &a.q, c.num_attention_heads, 0, rows, pos0, &seq.rope)?;
-            rope(rec, kc, c.num_key_value_heads, pos0, rows, pos0, &seq.rope)?;
-            let window = match (c.sliding_layers[l], c.sliding_window) {
+            q_rows: 0,
+            q_row0: 0,
+            q_pos0: 0,
+            kv_len: 0,
+            prefix_len: 0,
+            window: match (c.sliding_layers[l], c.sliding_window) {
                 (true, Some(w)) => w,
                 _ => 0,
-            };
-            attention(
-                rec,
-                &a.q,
-                kc,
-                vc,
-                &a.attn,
-                &AttnOpts {
-                    window,
-                    ..attn_opts
-                },
-            )?;
-            let residual = LinearOpts {
-                combine: Combine::Add,
-                ..plain
-            };
-            // The MLP's input norm: Gemma 1 calls it post_attention_layernorm, Gemma 2
-            // pre_feedforward_layernorm (its post_attention_layernorm normalises the
-            // attention output before the residual add).
-            let mlp_norm = match (&a.branch, &layer.ff_norms) {
-                (Some(branch), Some((pre_ff, _))) => {
-                    linear(rec, &a.attn, &layer.o, None, branch, plain)?;
-                    rms_norm(rec, branch, &layer.post_norm, &a.h, eps, norm)?;
-                    add(rec, &a.x, &a.h)?;
-                    pre_ff
-                }
-                _ => {
-                    linear(rec, &a.attn, &layer.o, None, &a.x, residual)?;
-                    &layer.post_norm
-                }
-            };
-            rms_norm(rec, &a.x, mlp_norm, &a.h, eps, norm)?;
-            let (mlp_out, mlp_combine) = match &a.branch {
-                Some(branch) => (branch, Combine::Store),
-                None => (&a.x, Combine::Add),
-            };
-            for r0 in (0..rows).step_by(a.mlp_rows) {
-                let n = a.mlp_rows.min(rows - r0);
-                let block = |act, combine, x_row, out_row| LinearOpts {
-                    act,
-                    combine,
-                    x_row,
-                    out_row,
-                    rows: Some(n),
-                };
-                linear(
-                    rec,
-                    &a.h,
-                    &layer.gate,
-                    None,
-                    &a.gate,
-                    block(Act::GeluTanh, Combine::Store, r0, 0),
-                )?;
-                linear(
-                    rec,
-                    &a.h,
-                    &layer.up,
-                    None,
-                    &a.gate,
-                    block(Act::None, Combine::Mul, r0, 0),
-                )?;
-                linear(
-                    rec,
-                    &a.gate,
-                    &layer.down,
-                    None,
-                    mlp_out,
-                    block(Act::None, mlp_combine, 0, r0),
-                )?;
-            }
-            if let (Some(branch), Some((_, post_ff))) = (&a.branch, &layer.ff_norms) {
-                rms_norm(rec, branch, post_ff, &a.h, eps, norm)?;
-                add(rec, &a.x, &a.h)?;
-            }
+            },
+            softcap: c.attn_logit_softcapping.unwrap_or(0.0),
         }
-        let last = NormOpts {
-            x_row: rows - 1,
-            out_row: 0,
-            rows: Some(1),
+    }
+
+    /// The prompt's layers: q/k/v of all rows, k and v straight into the cache.
+    fn record_prefill_layers(&self, rec: &mut Recorder, seq: &Sequence) -> Result<()> {
+        let c = &self.cfg;
+        let a = &seq.prefill;
+        let rows = a.rows;
+        let plain = LinearOpts::default();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (kc, vc) = (&seq.k_cache[l], &seq.v_cache[l]);
+            rms_norm(
+                rec,
+                &a.x,
+                &layer.input_norm,
+                &a.h,
+                c.rms_norm_eps,
+                NormOpts::default(),
+            )?;
+            linear(rec, &a.h, &layer.q, None, &a.q, plain)?;
+            linear(rec, &a.h, &layer.k, None, kc, plain)?;
+            linear(rec, &a.h, &layer.v, None, vc, plain)?;
+            rope(rec, &a.q, c.num_attention_heads, 0, rows, 0, &seq.rope)?;
+            rope(rec, kc, c.num_key_value_heads, 0, rows, 0, &seq.rope)?;
+            let opts = AttnOpts {
+                q_rows: rows,
+                kv_len: rows,
+                prefix_len: seq.prefix_len,
+                ..self.attn_opts(l)
+            };
+            attention(rec, &a.q, kc, vc, &a.attn, &opts)?;
+            self.record_ffn(rec, a, layer, rows)?;
+        }
+        self.record_head(rec, a, rows - 1, 1, &seq.last, &seq.logits)
+    }
+
+    /// The rest of a layer after attention, on rows `0..rows` of `a`: the output projection
+    /// and residual, then the MLP (in blocks of rows) and residual; Gemma 2 normalises both
+    /// branches before adding them.
+    fn record_ffn(
+        &self,
+        rec: &mut Recorder,
+        a: &Acts,
+        layer: &DecoderLayer,
+        rows: usize,
+    ) -> Result<()> {
+        let eps = self.cfg.rms_norm_eps;
+        let plain = LinearOpts {
+            rows: Some(rows),
+            ..Default::default()
         };
-        rms_norm(rec, &a.x, &self.final_norm, &seq.last, eps, last)?;
-        linear(rec, &seq.last, &self.embed, None, &seq.logits, plain)?;
-        if let Some(cap) = c.final_logit_softcapping {
-            softcap(rec, &seq.logits, 0, 1, cap)?;
+        let norm = NormOpts {
+            rows: Some(rows),
+            ..Default::default()
+        };
+        // The MLP's input norm: Gemma 1 calls it post_attention_layernorm, Gemma 2
+        // pre_feedforward_layernorm (its post_attention_layernorm normalises the attention
+        // output before the residual add).
+        let mlp_norm = match (&a.branch, &layer.ff_norms) {
+            (Some(branch), Some((pre_ff, _))) => {
+                linear(rec, &a.attn, &layer.o, None, branch, plain)?;
+                rms_norm(rec, branch, &layer.post_norm, &a.h, eps, norm)?;
+                add(rec, &a.x, &a.h)?;
+                pre_ff
+            }
+            _ => {
+                let residual = LinearOpts {
+                    combine: Combine::Add,
+                    ..plain
+                };
+                linear(rec, &a.attn, &layer.o, None, &a.x, residual)?;
+                &layer.post_norm
+            }
+        };
+        rms_norm(rec, &a.x, mlp_norm, &a.h, eps, norm)?;
+        let (mlp_out, mlp_combine) = match &a.branch {
+            Some(branch) => (branch, Combine::Store),
+            None => (&a.x, Combine::Add),
+        };
+        for r0 in (0..rows).step_by(a.mlp_rows) {
+            let n = a.mlp_rows.min(rows - r0);
+            let block = |act, combine, x_row, out_row| LinearOpts {
+                act,
+                combine,
+                x_row,
+                out_row,
+                rows: Some(n),
+            };
+            linear(
+                rec,
+                &a.h,
+                &layer.gate,
+                None,
+                &a.gate,
+                block(Act::GeluTanh, Combine::Store, r0, 0),
+            )?;
+            linear(
+                rec,
+                &a.h,
+                &layer.up,
+                None,
+                &a.gate,
+                block(Act::None, Combine::Mul, r0, 0),
+            )?;
+            linear(
+                rec,
+                &a.gate,
+                &layer.down,
+                None,
+                mlp_out,
+                block(Act::None, mlp_combine, 0, r0),
+            )?;
+        }
+        if let (Some(branch), Some((_, post_ff))) = (&a.branch, &layer.ff_norms) {
+            rms_norm(rec, branch, post_ff, &a.h, eps, norm)?;
+            add(rec, &a.x, &a.h)?;
+        }
+        Ok(())
+    }
+
+    /// Final norm of rows `row..row + rows` of `a.x` into `last`, then the tied LM head (and
+    /// Gemma 2's logit soft-cap) into `logits`.
+    fn record_head(
+        &self,
+        rec: &mut Recorder,
+        a: &Acts,
+        row: usize,
+        rows: usize,
+        last: &Tensor,
+        logits: &Tensor,
+    ) -> Result<()> {
+        let norm = NormOpts {
+            x_row: row,
+            out_row: 0,
+            rows: Some(rows),
+        };
+        rms_norm(
+            rec,
+            &a.x,
+            &self.final_norm,
+            last,
+            self.cfg.rms_norm_eps,
+            norm,
+        )?;
+        let head = LinearOpts {
+            rows: Some(rows),
+            ..Default::default()
+        };
+        linear(rec, last, &self.embed, None, logits, head)?;
+        if let Some(cap) = self.cfg.final_logit_softcapping {
+            softcap(rec, logits, 0, rows, cap)?;
         }
         Ok(())
     }

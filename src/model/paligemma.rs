@@ -340,113 +340,204 @@ impl PaliGemma {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
+        let mut results =
+            self.generate_batch_ids(&[(pixels, ids)], options, &mut |_, t| on_text(t))?;
+        Ok(results.remove(0))
+    }
+
+    /// Answer several (image, prompt) requests together: their prefills run in one
+    /// submission and their decode steps share every weight read. `on_text(i, piece)`
+    /// streams request `i`'s answer; returning `false` stops that request. The outputs are
+    /// the ones each request gives on its own.
+    pub fn generate_batch(
+        &self,
+        requests: &[(PixelValues, String)],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<Generation>> {
+        let prompts = self.prompts()?;
+        let ids = requests
+            .iter()
+            .map(|(_, p)| prompts.encode(p))
+            .collect::<Result<Vec<_>>>()?;
+        let reqs: Vec<(&PixelValues, &[u32])> = requests
+            .iter()
+            .zip(&ids)
+            .map(|((px, _), i)| (px, i.as_slice()))
+            .collect();
+        self.generate_batch_ids(&reqs, options, on_text)
+    }
+
+    /// As [`PaliGemma::generate_batch`] with tokenized prompts.
+    pub fn generate_batch_ids(
+        &self,
+        requests: &[(&PixelValues, &[u32])],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<Generation>> {
         options.sampling.validate()?;
+        if requests.is_empty() {
+            return Err(Error::Request("no requests".into()));
+        }
         if options.max_new_tokens == 0 {
             return Err(Error::Request("max new tokens must be at least 1".into()));
         }
         let limit = self.config.text.max_position_embeddings;
-        if ids.len() + options.max_new_tokens > limit {
-            return Err(Error::Request(format!(
-                "the prompt has {} tokens; with --max-new-tokens {} that exceeds the model's {limit} positions",
-                ids.len(),
-                options.max_new_tokens
-            )));
-        }
         let n_img = self.config.num_image_tokens();
-        if ids.len() <= n_img
-            || ids[..n_img]
-                .iter()
-                .any(|&i| i != self.config.image_token_index)
-        {
-            return Err(Error::Request(format!(
-                "the prompt must start with {n_img} image tokens followed by text"
-            )));
+        for (_, ids) in requests {
+            if ids.len() + options.max_new_tokens > limit {
+                return Err(Error::Request(format!(
+                    "the prompt has {} tokens; with --max-new-tokens {} that exceeds the model's {limit} positions",
+                    ids.len(),
+                    options.max_new_tokens
+                )));
+            }
+            if ids.len() <= n_img
+                || ids[..n_img]
+                    .iter()
+                    .any(|&i| i != self.config.image_token_index)
+            {
+                return Err(Error::Request(format!(
+                    "the prompt must start with {n_img} image tokens followed by text"
+                )));
+            }
         }
         let gpu = &*self.gpu;
-        let mut timings = Timings {
-            load_s: 0.0,
-            ..Default::default()
-        };
+        let n = requests.len();
 
         let t0 = Instant::now();
-        let va = self.vision.activations(gpu)?;
-        self.vision.upload(gpu, &va, pixels)?;
         let mut rec = Recorder::new(gpu);
-        self.vision.record(&mut rec, &va, usize::MAX, true)?;
-        rec.run()?;
-        timings.vision_s = t0.elapsed().as_secs_f64();
-
-        let t1 = Instant::now();
-        let mut seq = self.text.sequence(gpu, ids.len(), options.max_new_tokens)?;
-        // Greedy requests without top-k pick the token on the GPU and read back 16 bytes;
-        // the others read the logits row.
-        let on_gpu = options.sampling.temperature == 0.0 && options.top_logprobs == 0;
-        let pick = Tensor::from_u32(gpu, "pick", &[4], &[0; 4])?;
-        let mut rec = Recorder::new(gpu);
-        self.text
-            .record_prefill(&mut rec, &mut seq, ids, Some(&va.features))?;
-        if on_gpu {
-            argmax_logprob(&mut rec, &seq.logits, 0, &pick)?;
+        let mut vision = Vec::with_capacity(n);
+        for (pixels, _) in requests {
+            let va = self.vision.activations(gpu)?;
+            self.vision.upload(gpu, &va, pixels)?;
+            self.vision.record(&mut rec, &va, usize::MAX, true)?;
+            vision.push(va);
         }
         rec.run()?;
-        timings.prefill_s = t1.elapsed().as_secs_f64();
+        let vision_s = t0.elapsed().as_secs_f64();
+
+        // Greedy requests without top-k pick the token on the GPU and read back 16 bytes;
+        // the others read their logits row.
+        let on_gpu = options.sampling.temperature == 0.0 && options.top_logprobs == 0;
+        let t1 = Instant::now();
+        let mut seqs = Vec::with_capacity(n);
+        let mut picks = Vec::with_capacity(n);
+        let mut rec = Recorder::new(gpu);
+        for ((_, ids), va) in requests.iter().zip(&vision) {
+            let mut seq = self.text.sequence(gpu, ids.len(), options.max_new_tokens)?;
+            self.text
+                .record_prefill(&mut rec, &mut seq, ids, Some(&va.features))?;
+            let pick = Tensor::from_u32(gpu, "pick", &[4], &[0; 4])?;
+            if on_gpu {
+                argmax_logprob(&mut rec, &seq.logits, 0, &pick)?;
+            }
+            seqs.push(seq);
+            picks.push(pick);
+        }
+        rec.run()?;
+        let prefill_s = t1.elapsed().as_secs_f64();
+        drop(vision);
 
         let eos = &self.config.eos_token_ids;
-        let mut sampler = Sampler::new(options.sampling.clone());
-        let mut stream = TextStream::default();
-        let mut out = Generation {
-            prompt_tokens: ids.len(),
-            ..Default::default()
+        let mut samplers: Vec<Sampler> = (0..n)
+            .map(|_| Sampler::new(options.sampling.clone()))
+            .collect();
+        let mut streams: Vec<TextStream> = (0..n).map(|_| TextStream::default()).collect();
+        let mut outs: Vec<Generation> = requests
+            .iter()
+            .map(|(_, ids)| Generation {
+                prompt_tokens: ids.len(),
+                ..Default::default()
+            })
+            .collect();
+        let mut done = vec![false; n];
+        let mut finished_at = vec![None; n];
+        let batch = if options.max_new_tokens > 1 {
+            Some(self.text.batch(gpu, n)?)
+        } else {
+            None
         };
         let mut plan: Option<Plan> = None;
         let t2 = Instant::now();
+        let mut stepped = false;
         loop {
-            let step = if on_gpu {
-                let (id, logprob) = read_pick(gpu, &pick)?;
-                Step {
-                    id,
-                    logprob,
-                    top: Vec::new(),
+            for b in 0..n {
+                if done[b] {
+                    continue;
                 }
-            } else {
-                let logits = seq.logits.read(gpu)?;
-                let id = sampler.sample(&logits);
-                let (logprob, top) = logprobs(&logits, id, options.top_logprobs);
-                Step { id, logprob, top }
-            };
-            let id = step.id;
-            out.steps.push(step);
-            out.token_ids.push(id);
-            let stop = options.stop_at_eos && eos.contains(&id);
-            let mut cancelled = false;
-            if let (false, Some(prompts)) = (stop, &self.prompts) {
-                if let Some(delta) = stream.push(prompts, id)? {
-                    cancelled = !on_text(&delta);
+                let step = if on_gpu {
+                    let (id, logprob) = read_pick(gpu, &picks[b])?;
+                    Step {
+                        id,
+                        logprob,
+                        top: Vec::new(),
+                    }
+                } else {
+                    let logits = match (&batch, stepped) {
+                        (Some(batch), true) => batch.logits.read_rows(gpu, b, 1)?,
+                        _ => seqs[b].logits.read(gpu)?,
+                    };
+                    let id = samplers[b].sample(&logits);
+                    let (logprob, top) = logprobs(&logits, id, options.top_logprobs);
+                    Step { id, logprob, top }
+                };
+                let id = step.id;
+                let out = &mut outs[b];
+                out.steps.push(step);
+                out.token_ids.push(id);
+                let stop = options.stop_at_eos && eos.contains(&id);
+                let mut cancelled = false;
+                if let (false, Some(prompts)) = (stop, &self.prompts) {
+                    if let Some(delta) = streams[b].push(prompts, id)? {
+                        cancelled = !on_text(b, &delta);
+                    }
+                }
+                if stop || cancelled || out.token_ids.len() >= options.max_new_tokens {
+                    done[b] = true;
+                    finished_at[b] = Some(t2.elapsed().as_secs_f64());
                 }
             }
-            if stop || cancelled || out.token_ids.len() >= options.max_new_tokens {
+            let Some(batch) = batch.as_ref().filter(|_| done.iter().any(|d| !d)) else {
                 break;
-            }
-            // Every step records the same dispatches on the same buffers, so after the first
-            // step the plan's bind groups are reused and only its parameters change.
+            };
+            // Every sequence steps (a finished one on its last token, its output unused), so
+            // each step records the same dispatches on the same buffers and, after the first,
+            // reuses the plan's bind groups with new parameters.
+            let ids: Vec<u32> = outs
+                .iter()
+                .map(|o| *o.token_ids.last().expect("one token per sequence"))
+                .collect();
             let mut rec = Recorder::new(gpu);
-            self.text.record_step(&mut rec, &mut seq, id)?;
+            self.text.record_step(&mut rec, batch, &mut seqs, &ids)?;
             if on_gpu {
-                argmax_logprob(&mut rec, &seq.logits, 0, &pick)?;
+                for (b, pick) in picks.iter().enumerate() {
+                    argmax_logprob(&mut rec, &batch.logits, b, pick)?;
+                }
             }
             rec.finish_into(&mut plan)?;
             if let Some(p) = &plan {
                 p.run(gpu)?;
             }
+            stepped = true;
         }
-        let decoded = out.token_ids.len().saturating_sub(1);
-        if decoded > 0 {
-            timings.decode_tok_s = decoded as f64 / t2.elapsed().as_secs_f64();
+        for (b, out) in outs.iter_mut().enumerate() {
+            let decoded = out.token_ids.len().saturating_sub(1);
+            let secs = finished_at[b].unwrap_or_else(|| t2.elapsed().as_secs_f64());
+            out.timings = Timings {
+                load_s: 0.0,
+                vision_s,
+                prefill_s,
+                decode_tok_s: if decoded > 0 && secs > 0.0 {
+                    decoded as f64 / secs
+                } else {
+                    0.0
+                },
+            };
+            if let Some(prompts) = &self.prompts {
+                out.text = prompts.decode(&out.token_ids)?;
+            }
         }
-        if let Some(prompts) = &self.prompts {
-            out.text = prompts.decode(&out.token_ids)?;
-        }
-        out.timings = timings;
-        Ok(out)
+        Ok(outs)
     }
 }

@@ -217,6 +217,7 @@ impl VisionTower {
             prefix_len: n,
             window: 0,
             softcap: 0.0,
+            q_row0: 0,
         };
         for layer in &self.layers[..layers.min(self.layers.len())] {
             layer_norm(

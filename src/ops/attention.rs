@@ -64,8 +64,10 @@ pub struct AttnOpts {
     pub head_dim: usize,
     /// Score scale, usually `head_dim^-0.5`.
     pub scale: f32,
-    /// Number of query rows computed (rows `0..q_rows` of `q` and `out`).
+    /// Number of query rows computed (rows `q_row0..q_row0 + q_rows` of `q` and `out`).
     pub q_rows: usize,
+    /// First row of `q` and `out` (a decode batch holds one row per sequence).
+    pub q_row0: usize,
     /// Absolute position of query row 0; `q_pos0 + q_rows <= kv_len` (every query sees itself).
     pub q_pos0: usize,
     /// Keys/values `0..kv_len` are valid; later rows of `k` and `v` are never read.
@@ -116,7 +118,7 @@ struct Params {
     scale: f32,
     window: u32,
     softcap: f32,
-    pad: u32,
+    q_row0: u32,
 }
 
 /// Record `out[r] = attention(q[r], k[..kv_len], v[..kv_len])` for rows `0..q_rows`.
@@ -187,10 +189,11 @@ fn attention_with(
     }
     check(o.q_rows > 0, K, || "q_rows = 0".into())?;
     for t in [q, out] {
-        check(o.q_rows <= t.rows(), K, || {
+        check(o.q_row0 + o.q_rows <= t.rows(), K, || {
             format!(
-                "q_rows = {} but {} has {} rows",
-                o.q_rows,
+                "query rows {}..{} but {} has {} rows",
+                o.q_row0,
+                o.q_row0 + o.q_rows,
                 t.name(),
                 t.rows()
             )
@@ -249,7 +252,7 @@ fn attention_with(
         scale: o.scale,
         window: u32_arg(K, "window", o.window)?,
         softcap: o.softcap,
-        pad: 0,
+        q_row0: u32_arg(K, "q_row0", o.q_row0)?,
     };
     let key = KernelKey::new("attention", kernel.entry());
     let grid = rec.grid(count);
@@ -268,7 +271,7 @@ pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], opts: &At
     for r in 0..o.q_rows {
         let (lo, n) = (o.first_key(r), o.keys_for(r));
         for h in 0..o.heads {
-            let qo = r * qs + h * hd;
+            let qo = (o.q_row0 + r) * qs + h * hd;
             let ko = (h / group) * hd;
             let qv = &q[qo..qo + hd];
             scores.clear();
@@ -329,6 +332,7 @@ mod tests {
                 prefix_len: t,
                 window: 0,
                 softcap: 0.0,
+                q_row0: 0,
             },
             kv_rows: t,
             garbage: 0.0,
@@ -341,30 +345,44 @@ mod tests {
         let gpu = gpu_with_limit(None);
         let o = &case.opts;
         let (qw, kvw) = (o.heads * o.head_dim, o.kv_heads * o.head_dim);
-        let q = rand_vec(o.q_rows * qw, case.qk_scale, 11);
+        // Rows before q_row0 belong to other sequences of a batch: zero queries, NaN outputs
+        // that must stay untouched.
+        let rows = o.q_row0 + o.q_rows;
+        let mut q = vec![0.0; o.q_row0 * qw];
+        q.extend(rand_vec(o.q_rows * qw, case.qk_scale, 11));
         let mut k = rand_vec(case.kv_rows * kvw, case.qk_scale, 12);
         let mut v = rand_vec(case.kv_rows * kvw, 1.0, 13);
         k[o.kv_len * kvw..].fill(case.garbage);
         v[o.kv_len * kvw..].fill(case.garbage);
-        let mut want = vec![0.0; o.q_rows * qw];
+        let mut want = vec![f32::NAN; rows * qw];
         attention_ref(&q, &k[..o.kv_len * kvw], &v[..o.kv_len * kvw], &mut want, o);
+        let mine = o.q_row0 * qw..;
         assert!(
-            want.iter().all(|x| x.is_finite()),
+            want[mine.clone()].iter().all(|x| x.is_finite()),
             "{what}: reference not finite"
         );
-        let qt = Tensor::from_f32(&gpu, "q", &[o.q_rows, qw], &q).unwrap();
+        let qt = Tensor::from_f32(&gpu, "q", &[rows, qw], &q).unwrap();
         let kt = Tensor::from_f32(&gpu, "k", &[case.kv_rows, kvw], &k).unwrap();
         let vt = Tensor::from_f32(&gpu, "v", &[case.kv_rows, kvw], &v).unwrap();
         [Kernel::Workgroup, Kernel::Lanes]
             .into_iter()
             .map(|kernel| {
-                let nan = vec![f32::NAN; o.q_rows * qw];
-                let ot = Tensor::from_f32(&gpu, "out", &[o.q_rows, qw], &nan).unwrap();
+                let nan = vec![f32::NAN; rows * qw];
+                let ot = Tensor::from_f32(&gpu, "out", &[rows, qw], &nan).unwrap();
                 let mut rec = Recorder::new(&gpu);
                 attention_with(&mut rec, &qt, &kt, &vt, &ot, o, kernel).unwrap();
                 rec.run().unwrap();
                 let got = ot.read(&gpu).unwrap();
-                assert_close(&got, &want, 1e-4, &format!("{what} ({kernel:?})"));
+                assert!(
+                    got[..o.q_row0 * qw].iter().all(|x| x.is_nan()),
+                    "{what}: rows before q_row0 written"
+                );
+                assert_close(
+                    &got[mine.clone()],
+                    &want[mine.clone()],
+                    1e-4,
+                    &format!("{what} ({kernel:?})"),
+                );
                 got
             })
             .collect()
@@ -432,6 +450,7 @@ mod tests {
                 prefix_len,
                 window: 0,
                 softcap: 0.0,
+                q_row0: 0,
             };
             let q = rand_vec(q_rows * 32, 2.0, 1);
             let k = rand_vec(24 * 16, 2.0, 2);
@@ -461,6 +480,7 @@ mod tests {
                 prefix_len,
                 window,
                 softcap: 3.0,
+                q_row0: 0,
             };
             let q = rand_vec(q_rows * 16, 3.0, 4);
             let k = rand_vec(24 * 8, 3.0, 5);
@@ -498,12 +518,30 @@ mod tests {
                 prefix_len: 40,
                 window: 16,
                 softcap: 50.0,
+                q_row0: 0,
             },
             kv_rows: 128,
             garbage: f32::NAN,
             qk_scale: 1.0,
         };
         run_case(&case, "decode pos=99 window=16");
+    }
+
+    #[test]
+    fn query_row_offset_selects_a_batch_row() {
+        // Decode of the second sequence of a batch: its query is row 1 of a 3-row buffer.
+        let mut case = full(1, 4, 1, 16);
+        case.opts.q_pos0 = 20;
+        case.opts.kv_len = 21;
+        case.opts.prefix_len = 15;
+        case.kv_rows = 32;
+        case.garbage = f32::NAN;
+        let plain = run_case(&case, "row 0");
+        case.opts.q_row0 = 2;
+        let shifted = run_case(&case, "row 2 of 3");
+        for (a, b) in plain.iter().zip(&shifted) {
+            assert_eq!(a[..], b[2 * 64..]);
+        }
     }
 
     #[test]
@@ -545,6 +583,7 @@ mod tests {
                     prefix_len: 30,
                     window: 0,
                     softcap: 0.0,
+                    q_row0: 0,
                 },
                 kv_rows: 64,
                 garbage,
@@ -636,6 +675,7 @@ mod tests {
                 prefix_len: 9,
                 window: 0,
                 softcap: 0.0,
+                q_row0: 0,
                 ..base
             },
             &kv,
@@ -649,6 +689,7 @@ mod tests {
                 prefix_len: 9,
                 window: 0,
                 softcap: 0.0,
+                q_row0: 0,
                 ..base
             },
             &kv,
