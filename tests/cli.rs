@@ -440,3 +440,71 @@ fn bad_adapters_are_explained() {
     let o = gen(good.to_str().unwrap());
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn batch_file_gives_each_answer_in_order() {
+    let tmp = TempDir::new("batch");
+    let file = tmp.0.join("requests.jsonl");
+    let (a, c) = (image("astronaut.png"), image("camera.png"));
+    let lines = [
+        serde_json::json!({"image": a, "prompt": "caption en"}),
+        serde_json::json!({"image": c, "prompt": "answer en what is this?"}),
+        serde_json::json!({"image": a, "prompt": "detect person"}),
+    ];
+    let body: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&file, body.join("\n")).unwrap();
+    let m = model();
+    let args = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--batch",
+        file.to_str().unwrap(),
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ];
+    let o = run(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let results: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 3);
+    for (line, result) in lines.iter().zip(&results) {
+        let img = line["image"].as_str().unwrap();
+        let prompt = line["prompt"].as_str().unwrap();
+        let single = run(
+            &[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--image",
+                img,
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "6",
+                "--json",
+            ],
+            &[],
+        );
+        let single: serde_json::Value = serde_json::from_slice(&single.stdout).unwrap();
+        assert_eq!(result["token_ids"], single["token_ids"], "{prompt}");
+    }
+    std::fs::write(&file, "{\"image\": \"a.png\"}\n").unwrap();
+    assert_fails(
+        &run(
+            &[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--batch",
+                file.to_str().unwrap(),
+            ],
+            &[],
+        ),
+        &["line 1", "prompt"],
+    );
+}

@@ -52,11 +52,16 @@ enum Command {
         #[arg(long)]
         model: String,
         /// Input image.
-        #[arg(long)]
-        image: PathBuf,
+        #[arg(long, required_unless_present = "batch")]
+        image: Option<PathBuf>,
         /// The prompt, e.g. "caption en".
-        #[arg(long)]
-        prompt: String,
+        #[arg(long, required_unless_present = "batch")]
+        prompt: Option<String>,
+        /// Run many requests together: a JSON-lines file of {"image": PATH, "prompt": TEXT}
+        /// (paths relative to the current directory); prints one answer (or, with --json, one
+        /// JSON object) per line, in order.
+        #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["image", "prompt"])]
+        batch: Option<PathBuf>,
         /// Stop after this many new tokens.
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
@@ -158,6 +163,31 @@ fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
     Ok(gpu)
 }
 
+/// Read a JSON-lines batch file of {"image": PATH, "prompt": TEXT} objects.
+fn read_batch(path: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(at)?;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+                .with_context(|| format!("{}: needs a string \"{k}\"", at()))
+        };
+        out.push((PathBuf::from(field("image")?), field("prompt")?));
+    }
+    if out.is_empty() {
+        anyhow::bail!("{} holds no requests", path.display());
+    }
+    Ok(out)
+}
+
 fn run(cli: Cli) -> Result<()> {
     let load = LoadOptions {
         progress: true,
@@ -190,6 +220,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             top_logprobs,
             tasks,
+            batch,
         } => {
             let options = GenerateOptions {
                 max_new_tokens,
@@ -205,6 +236,29 @@ fn run(cli: Cli) -> Result<()> {
             options.sampling.validate()?;
             let dir = resolve_model_dir(&model)?;
             let gpu = open_gpu(cli.max_binding)?;
+            if let Some(file) = batch {
+                if tasks.options().is_some() {
+                    anyhow::bail!("--vae, --annotate and --mask-dir work on single requests, not with --batch");
+                }
+                let lines = read_batch(&file)?;
+                let model = PaliGemma::load_with(gpu, &dir, &load)?;
+                let mut requests = Vec::with_capacity(lines.len());
+                for (image, prompt) in lines {
+                    requests.push((model.images.load(&image)?, prompt));
+                }
+                for mut result in model.generate_batch(&requests, &options, &mut |_, _| true)? {
+                    result.timings.load_s = model.load_seconds();
+                    if json {
+                        println!("{}", serde_json::to_string(&result)?);
+                    } else {
+                        println!("{}", result.text);
+                    }
+                }
+                return Ok(());
+            }
+            let (Some(image), Some(prompt)) = (image, prompt) else {
+                anyhow::bail!("--image and --prompt are required without --batch");
+            };
             let model = PaliGemma::load_with(gpu, &dir, &load)?;
             let pixels = model.images.load(&image)?;
             let mut stdout = std::io::stdout();
