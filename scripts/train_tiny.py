@@ -448,20 +448,37 @@ def train_lora(args) -> None:
         import peft
     except ImportError:
         sys.exit("error: --lora needs PEFT: pip install peft")
+    def unavailable(why: str):
+        sys.exit(f"error: base model {args.base!r} is not available ({why}).\n"
+                 "It must be a local directory, in the local HF cache, or downloadable (accept the licence on "
+                 "the Hub and `huggingface-cli login`). The tiny model is trained without --base.")
+
+    if not Path(args.base).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(args.base, "config.json"), str):
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+                unavailable("not in the HF cache and HF_HUB_OFFLINE is set")
+            import socket
+
+            try:  # fail fast instead of going through the hub client's retries
+                socket.create_connection(("huggingface.co", 443), timeout=10).close()
+            except OSError as e:
+                unavailable(f"not in the HF cache and huggingface.co is unreachable: {e}")
     try:
         processor = PaliGemmaProcessor.from_pretrained(args.base)
         model = PaliGemmaForConditionalGeneration.from_pretrained(args.base, dtype=torch.bfloat16)
     except Exception as e:  # noqa: BLE001 - any failure to get the base is fatal, say why
-        sys.exit(f"error: base model {args.base!r} is not available ({type(e).__name__}: {e}).\n"
-                 "It must be in the local HF cache or downloadable (accept the licence on the Hub and "
-                 "`huggingface-cli login`). The tiny model is trained without --base.")
+        unavailable(f"{type(e).__name__}: {e}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         print("warning: no CUDA device; a 3B LoRA fine-tune on CPU is impractically slow", file=sys.stderr)
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     model = peft.get_peft_model(model, peft.LoraConfig(
-        r=8, lora_alpha=8, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        r=8, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM",
+        # the decoder's projections only (SigLIP also has q/k/v_proj; the vision tower stays frozen)
+        target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")"))
     model.print_trainable_parameters()
     targs = TrainingArguments(
         output_dir=str(Path(args.work) / "trainer"), max_steps=args.steps or 2000,

@@ -5,8 +5,10 @@
 //      padded to a multiple of 8 halves and read as vec4<u32> (8 halves per load).
 // out  f32, row-major with stride `out_stride`; this chunk writes columns
 //      out_col .. out_col + n of rows out_row .. out_row + m.
-// Epilogue (override constants): v = acc + bias (HAS_BIAS); v = gelu_tanh(v) (ACT = 1);
-// MODE 0 stores v, MODE 1 adds v to out (residual), MODE 2 multiplies out by v (GeGLU gate).
+// Epilogue (bits of `epilogue`, a runtime value so that one pipeline per entry point serves
+// every layer: each pipeline costs seconds of LLVM compilation on lavapipe):
+// bit 0: v = acc + bias; bit 1: v = gelu_tanh(v); bits 2-3 (mode): 0 stores v, 1 adds v to out
+// (residual), 2 multiplies out by v (GeGLU gate).
 // Arithmetic and accumulation are f32.
 //
 // `matmul`: 32x32 output tile per 8x8 workgroup, 4x4 outputs per thread, k in steps of 32.
@@ -37,13 +39,9 @@ struct Params {
     out_row: u32,
     bias_off: u32,
     x_row: u32,
-    _pad1: u32,
-    _pad2: u32,
+    epilogue: u32,
+    _pad: u32,
 }
-
-override HAS_BIAS: bool = false;
-override ACT: u32 = 0u;
-override MODE: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -60,16 +58,17 @@ fn gelu_tanh(v: f32) -> f32 {
 
 fn store(row: u32, col: u32, acc: f32) {
     var v = acc;
-    if (HAS_BIAS) {
+    let mode = (p.epilogue >> 2u) & 3u;
+    if ((p.epilogue & 1u) != 0u) {
         v += bias[p.bias_off + col];
     }
-    if (ACT == 1u) {
+    if ((p.epilogue & 2u) != 0u) {
         v = gelu_tanh(v);
     }
     let i = (row + p.out_row) * p.out_stride + p.out_col + col;
-    if (MODE == 1u) {
+    if (mode == 1u) {
         v += out[i];
-    } else if (MODE == 2u) {
+    } else if (mode == 2u) {
         v *= out[i];
     }
     out[i] = v;

@@ -102,3 +102,25 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
     let seq = &seqs[0];
     assert_eq!(seq.len(), 268);
 }
+
+/// PaliGemma-3B-896's vision tower shape (4096 patches of a 896×896 image, So400m widths), one
+/// layer: attention over 4096 tokens runs in key blocks, with no 4096² score matrix anywhere.
+#[test]
+fn vision_tower_at_896_px() {
+    let gpu = Gpu::new(GpuOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let json = CONFIG.replace("\"image_size\": 224", "\"image_size\": 896");
+    let config = PaliGemmaConfig::from_json(&json).unwrap();
+    assert_eq!(config.num_image_tokens(), 4096);
+    let vision = VisionTower::load(&Checkpoint::synthetic(3), &gpu, &config).unwrap();
+    let s = 896;
+    let pixels = PixelValues {
+        height: s,
+        width: s,
+        data: (0..3 * s * s).map(|i| ((i * 53 % 255) as f32 / 127.5) - 1.0).collect(),
+    };
+    let features = vision.encode(&gpu, &pixels).unwrap();
+    assert_eq!(features.len(), 4096 * 2048);
+    assert!(features.iter().all(|v| v.is_finite()));
+    // Patches differ, so their features must too (a broken attention would blur them).
+    assert_ne!(features[..2048], features[4095 * 2048..]);
+}

@@ -33,7 +33,8 @@ struct Params {
     out_row: u32,
     bias_off: u32,
     x_row: u32,
-    pad: [u32; 2],
+    epilogue: u32,
+    pad: u32,
 }
 
 /// Rows at or below which the matrix-vector kernel is used instead of the tiled one.
@@ -143,10 +144,8 @@ pub(crate) fn linear_with(
         (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS => "matvec",
         (Kernels::Threads, _) => "matmul",
     };
-    let key = KernelKey::new("matmul", entry)
-        .with("HAS_BIAS", bias.is_some() as u32)
-        .with("ACT", opts.act.code())
-        .with("MODE", opts.combine.code());
+    let key = KernelKey::new("matmul", entry);
+    let epilogue = bias.is_some() as u32 | opts.act.code() << 1 | opts.combine.code() << 2;
     for chunk in w.chunks() {
         let params = Params {
             m: u32_arg(K, "rows", m)?,
@@ -159,7 +158,8 @@ pub(crate) fn linear_with(
             out_row: u32_arg(K, "out row", opts.out_row)?,
             bias_off: u32_arg(K, "bias offset", chunk.row_start)?,
             x_row: u32_arg(K, "x row", opts.x_row)?,
-            pad: [0; 2],
+            epilogue,
+            pad: 0,
         };
         let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
         let buffers = [x.buffer(), &chunk.buffer, bias_buf, out.buffer()];
