@@ -116,7 +116,9 @@ fn vision_tower_at_896_px() {
     let pixels = PixelValues {
         height: s,
         width: s,
-        data: (0..3 * s * s).map(|i| ((i * 53 % 255) as f32 / 127.5) - 1.0).collect(),
+        data: (0..3 * s * s)
+            .map(|i| ((i * 53 % 255) as f32 / 127.5) - 1.0)
+            .collect(),
     };
     let features = vision.encode(&gpu, &pixels).unwrap();
     assert_eq!(features.len(), 4096 * 2048);

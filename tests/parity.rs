@@ -92,11 +92,9 @@ fn check_vision(model: &str, limit: Option<u64>, tol: f32) {
     }
 }
 
-/// Full pipeline from the prompt: ids, 20 greedy tokens, top-5 logprobs. The PNG goes through
-/// the engine's own decoding and preprocessing; the JPEG uses HF's pixel values, because JPEG
-/// decoders (libjpeg-turbo under Pillow, zune-jpeg here) differ by a few levels per pixel and
-/// a random-weight model's greedy path is not robust to that (preprocessing is checked on its
-/// own in tests/preprocess.rs).
+/// Full pipeline from the prompt: ids, 20 greedy tokens, top-5 logprobs. Each image goes
+/// through the engine's own decoding (JPEGs with libjpeg-turbo's decoder, Pillow-exact) and
+/// preprocessing.
 fn check_generation(model: &str, limit: Option<u64>) {
     check_generation_with(model, None, limit);
 }
@@ -126,13 +124,15 @@ fn check_generation_with(model: &str, adapter: Option<&str>, limit: Option<u64>)
             .collect();
         let ids = pg.prompts().unwrap().encode(prompt).unwrap();
         assert_eq!(ids, want_ids, "{model}: prompt ids for {prompt:?}");
-        let pixels = if file.ends_with(".png") {
-            pg.images
-                .load(&fixtures().join("images").join(file))
-                .unwrap()
-        } else {
-            ref_pixels(model, img)
-        };
+        let pixels = pg
+            .images
+            .load(&fixtures().join("images").join(file))
+            .unwrap();
+        let pixel_err = max_abs_diff(&pixels.data, &ref_pixels(model, img).data);
+        assert!(
+            pixel_err <= 1.0 / 127.5 + 1e-6,
+            "{model} {file}: pixel values differ from HF's by {pixel_err}"
+        );
         let options = GenerateOptions {
             max_new_tokens: 20,
             top_logprobs: 5,

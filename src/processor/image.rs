@@ -58,6 +58,7 @@ use std::path::Path;
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 use serde_json::Value;
 
+use super::jpeg::JpegError;
 use crate::{Error, Result};
 
 /// Largest accepted image side, in pixels (checked from the file header, before decoding).
@@ -300,8 +301,9 @@ impl ImageProcessor {
         &self.config
     }
 
-    /// Decode the image file at `path` (any format the `image` crate reads: PNG, JPEG, GIF, BMP,
-    /// WebP, TIFF) and preprocess it. See [`decode_image`] for the checks made on the file.
+    /// Decode the image file at `path` (JPEG through libjpeg-turbo's decoder, exactly as Pillow;
+    /// PNG, GIF, BMP, WebP and TIFF through the `image` crate) and preprocess it. See
+    /// [`decode_image`] for the checks made on the file.
     pub fn load(&self, path: &Path) -> Result<PixelValues> {
         Ok(self.preprocess(&decode_image(path)?))
     }
@@ -384,6 +386,11 @@ impl ImageProcessor {
 /// [`MAX_DECODE_BYTES`] to decode, or has zero width or height ([`Error::Image`]). The format is
 /// recognised from the file's contents, falling back to its extension. EXIF orientation is not
 /// applied, like `PIL.Image.open`.
+///
+/// JPEGs are decoded with libjpeg-turbo's decoder (vendored by `mozjpeg-sys`) with Pillow's
+/// settings, so the pixels are exactly Pillow's: RGB, or 8-bit gray for grayscale files; CMYK
+/// files are converted to RGB as Pillow converts them. A truncated JPEG is an error, as in
+/// Pillow. Other formats go through the `image` crate.
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     let image_err = |msg: String| Error::Image {
         path: path.to_path_buf(),
@@ -394,15 +401,13 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     let reader = open_reader(path, limits)?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        return decode_jpeg_file(path);
+    }
     let what = reader
         .format()
         .map_or("image".to_string(), |f| format!("{f:?}"));
-    let too_large = |w: u32, h: u32| {
-        image_err(format!(
-            "too large: {w}x{h} exceeds the limits ({MAX_IMAGE_SIDE} px per side, \
-             {MAX_IMAGE_PIXELS} pixels)"
-        ))
-    };
+    let too_large = |w: u32, h: u32| too_large_error(path, w, h);
     let describe = |e: image::ImageError| -> Error {
         match e {
             image::ImageError::Limits(_) => {
@@ -439,6 +444,51 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
         )));
     }
     DynamicImage::from_decoder(decoder).map_err(describe)
+}
+
+/// The error for an image whose header declares `w` x `h`, over the size limits.
+fn too_large_error(path: &Path, w: u32, h: u32) -> Error {
+    Error::Image {
+        path: path.to_path_buf(),
+        msg: format!(
+            "too large: {w}x{h} exceeds the limits ({MAX_IMAGE_SIDE} px per side, \
+             {MAX_IMAGE_PIXELS} pixels)"
+        ),
+    }
+}
+
+/// Decode a JPEG file with libjpeg-turbo's decoder (see [`super::jpeg`]), which gives exactly
+/// Pillow's pixels; the `image` crate's decoder differs by a few levels. The size limits are
+/// checked from the header before decoding.
+fn decode_jpeg_file(path: &Path) -> Result<DynamicImage> {
+    let image_err = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > MAX_DECODE_BYTES {
+        return Err(image_err(format!(
+            "too large: a {len}-byte JPEG file, more than {MAX_DECODE_BYTES} bytes"
+        )));
+    }
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let check = |w: u32, h: u32| {
+        if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+            Err(too_large_error(path, w, h))
+        } else {
+            Ok(())
+        }
+    };
+    super::jpeg::decode(&data, MAX_DECODE_BYTES, check).map_err(|e| match e {
+        JpegError::ZeroSized(w, h) => image_err(format!("zero-sized image ({w}x{h})")),
+        JpegError::Refused(e) => e,
+        JpegError::TooManyBytes(w, h, bytes) => image_err(format!(
+            "too large: {w}x{h} needs {bytes} bytes to decode, more than {MAX_DECODE_BYTES}"
+        )),
+        JpegError::Decode(msg) => image_err(format!("cannot decode as Jpeg: {msg}")),
+    })
 }
 
 /// Open `path` for decoding with `limits`, the format recognised from the contents or else the

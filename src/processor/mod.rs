@@ -1,4 +1,5 @@
 //! Turning user inputs (images, prompts) into model inputs.
 
 pub mod image;
+mod jpeg;
 pub mod prompt;
