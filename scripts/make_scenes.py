@@ -7,7 +7,7 @@ and its ground truth: per-shape class, colour and box, the canonical caption (sh
 left to right), the count and the PaliGemma-style detection strings.
 
 Everything is deterministic given the seed (`random.Random(seed)` per scene, scene i of a set
-uses seed `base_seed * 100003 + i`); drawing uses Pillow `ImageDraw` without anti-aliasing, so
+uses seed `base_seed * 10**9 + i`, so sets never overlap); drawing uses Pillow `ImageDraw` without anti-aliasing, so
 PNGs are flat and compress well.
 
 Usage:
@@ -60,7 +60,7 @@ def _overlaps(a, b) -> bool:
 
 
 def scene_seed(base_seed: int, i: int) -> int:
-    return base_seed * 100003 + i
+    return base_seed * 1_000_000_000 + i
 
 
 def sample_objects(rng: random.Random) -> list[dict]:

@@ -22,7 +22,13 @@ real fine-tunes):
   * `PaliGemmaForConditionalGeneration` + `Trainer` / `TrainingArguments` (AdamW, cosine schedule);
   * tasks mixed per example: caption 30 %, count 20 %, detect 50 % (a shape present in the scene).
 
-Tiny model (default, `--base` not given): trained from random init, ~42 min on 2 CPU cores.
+Tiny model (default, `--base` not given): trained from random init on 2 CPU cores. The shipped
+assets/tiny-shapes was made in two phases, 58 min in all (the LR schedule follows the wall clock,
+so a busy machine means fewer steps, not a truncated schedule):
+
+    nice -n 10 python scripts/train_tiny.py --minutes 44 --out /tmp/phase1 --eval-out ''
+    nice -n 10 python scripts/train_tiny.py --init-from /tmp/phase1 --minutes 14 --lr 6e-4
+
 The tokenizer is the fixtures' small Gemma-style BPE tokenizer (`scripts/make_fixtures.py`
 `build_tokenizer`, imported, with the scene vocabulary added to its training corpus so shape /
 colour words are single tokens; `<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>` exist as in
@@ -36,7 +42,7 @@ Real recipe, for users with a GPU (not runnable here: the base weights are gated
         --steps 2000 --batch 8 --lr 2e-5
 
   loads the pretrained checkpoint and its processor/tokenizer (real Gemma tokenizer), freezes the
-  vision tower, wraps the model in PEFT LoRA (r=8, alpha=8, dropout 0.05) on
+  vision tower, wraps the model in PEFT LoRA (r=8, alpha=8, dropout 0.05) on the decoder's
   q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj, trains in bf16 on the same scenes and
   saves the merged model with `save_pretrained` (load it with `paligemma --model my-shapes`) plus
   the adapter under my-shapes/adapter/. If the base model is not available (no network / no
@@ -49,7 +55,7 @@ README.md (model card) and train_log.json (loss curve, wall time); `--eval-out` 
 tests/fixtures/shapes): 50 held-out scenes (seed 2) as PNG + shapes.json with ground truth and
 HF's greedy outputs (float32, eager attention) for tests/trained.rs.
 
-Run:  nice -n 10 /opt/pgvenv/bin/python scripts/train_tiny.py            (train + save + eval)
+Run:  nice -n 10 /opt/pgvenv/bin/python scripts/train_tiny.py            (train 42 min + save + eval)
       python scripts/train_tiny.py --eval-only                            (re-run the evaluation)
 """
 
@@ -324,6 +330,19 @@ def evaluate(model_dir: Path, eval_out: Path | None, n: int = N_EVAL, log=print)
             "metrics": m,
             "scenes": scenes,
         })
+        mf.write_text(eval_out / "README.md", (
+            "# Held-out scenes for assets/tiny-shapes\n\n"
+            "Written by `scripts/train_tiny.py` (do not edit by hand; `python scripts/train_tiny.py --eval-only` "
+            "rewrites them from the shipped model). `shapes_NN.png`: scene `make_scenes.make_scene("
+            "make_scenes.scene_seed(2, NN))` of `scripts/make_scenes.py` (224x224 RGB, never drawn in training: "
+            "training uses seeds 1 and 101). `shapes.json`: per scene the ground truth (objects with shape, colour, "
+            "box `(y_min, x_min, y_max, x_max)` in pixels with exclusive max edges and their loc values, caption, "
+            "count, detection strings) and, under `hf`, HF transformers' greedy outputs (float32, eager attention, "
+            f"max_new_tokens={MAX_NEW_TOKENS}) for `caption en`, `answer en how many shapes?` and, for "
+            "single-shape scenes, `detect <shape>`: prompt ids after the 256 `<image>` tokens, generated ids "
+            "(with the final `<eos>`), decoded text (`skip_special_tokens=True`), per-step top1-top2 log-prob "
+            "margins. `metrics`: HF's caption exact match, count accuracy and mean detection IoU. Used by "
+            "`tests/trained.rs`.\n"))
     return m
 
 
@@ -350,15 +369,28 @@ def train_tiny(args) -> None:
     spec = dict(TINY_SPEC)
     cfg = mf.make_config(spec)
     cfg._attn_implementation = "sdpa"
-    torch.manual_seed(args.seed)
-    model = PaliGemmaForConditionalGeneration(cfg).to(torch.float32)
-    init_loc_embeddings(model, info, seed=args.seed)
+
+    def make_model():
+        if args.init_from:  # continue training a saved tiny model (its f16 weights)
+            return PaliGemmaForConditionalGeneration.from_pretrained(
+                args.init_from, dtype=torch.float32, attn_implementation="sdpa")
+        torch.manual_seed(args.seed)
+        m = PaliGemmaForConditionalGeneration(cfg).to(torch.float32)
+        init_loc_embeddings(m, info, seed=args.seed)
+        return m
+
+    previous = None
+    if args.init_from:
+        prev_log = Path(args.init_from) / "train_log.json"
+        previous = json.loads(prev_log.read_text()) if prev_log.exists() else None
+    model = make_model()
     nparams = sum(p.numel() for p in model.parameters())
     print(f"params: {nparams / 1e6:.2f} M", flush=True)
 
     # measure the step time, then size the run to the time budget
     collate = Collator(processor)
-    ds = SceneDataset(10_000_000)
+    # a continuation draws different scenes (offset) than the first phase
+    ds = SceneDataset(10_000_000, base_seed=TRAIN_SEED if not args.init_from else TRAIN_SEED + 100)
     if args.steps:
         steps = args.steps
     else:
@@ -378,9 +410,7 @@ def train_tiny(args) -> None:
         steps = max(50, int(args.minutes * 60 / step_t) * 3)  # upper bound; the time budget stops it
         print(f"step time ~{step_t:.2f}s (batch {args.batch}): ~{steps // 3} steps expected in {args.minutes} min",
               flush=True)
-        torch.manual_seed(args.seed)
-        model = PaliGemmaForConditionalGeneration(cfg).to(torch.float32)
-        init_loc_embeddings(model, info, seed=args.seed)
+        model = make_model()
 
     log = []
     t_start = time.time()
@@ -433,7 +463,8 @@ def train_tiny(args) -> None:
     save_tiny(model, mf, out, spec, processor)
     mf.write_json(out / "train_log.json", {
         "wall_seconds": round(wall, 1), "steps": trainer.state.global_step, "batch": args.batch,
-        "lr": args.lr, "threads": args.threads, "spec": spec, "params": nparams, "log": log})
+        "lr": args.lr, "threads": args.threads, "spec": spec, "params": nparams, "log": log,
+        "init_from": args.init_from, "previous": previous})
 
 
 def train_lora(args) -> None:
@@ -505,10 +536,6 @@ def write_model_card(out: Path) -> None:
     v, t = spec["vision"], spec["text"]
     curve = log["log"]
 
-    def loss_at(frac):
-        i = min(len(curve) - 1, max(0, int(round(frac * (len(curve) - 1)))))
-        return f"{curve[i]['loss']:.3f} (step {curve[i]['step']})"
-
     size = (out / "model.safetensors").stat().st_size
     L = []
     w = L.append
@@ -517,7 +544,7 @@ def write_model_card(out: Path) -> None:
     w("**What it is.** A `PaliGemmaForConditionalGeneration` with the real PaliGemma architecture (SigLIP vision "
       "tower without head, 224 px, patch 14 -> 256 image tokens; linear projector; Gemma-1 decoder with tied lm_head "
       "and the prefix-LM mask) at toy widths, **randomly initialised and trained from scratch** in "
-      f"{log['wall_seconds'] / 60:.0f} minutes on 2 CPU cores by `scripts/train_tiny.py`. It is **not** derived "
+      f"{(log['wall_seconds'] + (log.get('previous') or {}).get('wall_seconds', 0)) / 60:.0f} minutes on 2 CPU cores by `scripts/train_tiny.py`. It is **not** derived "
       "from Google's PaliGemma weights and knows nothing but the synthetic scenes of `scripts/make_scenes.py`: "
       "1-3 flat red / green / blue / yellow circles, squares and triangles (30-90 px) on a plain light "
       "224x224 background. On real photos it outputs nonsense. It exists so that paligemma-wgpu has a model "
@@ -530,7 +557,7 @@ def write_model_card(out: Path) -> None:
       "(PaliGemma convention: value = round(coord / 224 * 1024), clamped to 1023) |")
     w("\nOther prompts are out of distribution.\n")
     w("```sh\ncargo run --release -- generate --model assets/tiny-shapes --image assets/scenes/scene_000.png "
-      "--prompt \"detect circle\" --annotate out.png\n```\n")
+      "--prompt \"detect square\" --annotate out.png\n```\n")
     w("## Architecture\n")
     w(f"- vision: hidden {v['hidden_size']}, {v['num_attention_heads']} heads, {v['num_hidden_layers']} layers, "
       f"MLP {v['intermediate_size']}, LayerNorm eps 1e-6, gelu_pytorch_tanh, no head")
@@ -544,20 +571,42 @@ def write_model_card(out: Path) -> None:
       "2240, byte fallback, `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`, `<image>` = 2176), trained on the "
       "fixture corpus plus the scene vocabulary so every shape / colour word is a single token\n")
     w("## Training\n")
+    phases = ([log["previous"]] if log.get("previous") else []) + [log]
+    total_s = sum(ph["wall_seconds"] for ph in phases)
+    total_steps = sum(ph["steps"] for ph in phases)
     w("Standard transformers recipe: `PaliGemmaProcessor(text=prompt, images=image, suffix=target)` (labels only on "
-      "the target and `<eos>`), `Trainer` with AdamW (betas 0.9/0.98, weight decay 0.01, peak LR "
-      f"{log['lr']}, 3 % warmup then cosine, following the wall clock), batch {log['batch']}, "
-      f"{log['steps']} steps = {log['steps'] * log['batch']} examples, each a freshly drawn scene (seed 1) with one "
-      "task: caption 30 %, count 20 %, detect 50 % (a shape present in the scene). Loc-token embeddings start from "
-      "smooth Fourier features of the coordinate; everything else is transformers' default init.\n")
-    w(f"Loss (mean over 20 steps): start {loss_at(0)}, 25 % {loss_at(0.25)}, 50 % {loss_at(0.5)}, "
-      f"75 % {loss_at(0.75)}, end {loss_at(1.0)}. Full curve in `train_log.json`.\n")
+      "the target and `<eos>`), `Trainer` with AdamW (betas 0.9/0.98, weight decay 0.01, 3 % warmup then cosine to "
+      "2 % of the peak, following the wall clock), each example a freshly drawn scene with one task: caption 30 %, "
+      "count 20 %, detect 50 % (a shape present in the scene). Loc-token embeddings start from smooth Fourier "
+      "features of the coordinate; everything else is transformers' default init. "
+      f"Total: {total_s / 60:.0f} min wall time on 2 shared CPU cores, {total_steps} steps of batch "
+      f"{log['batch']} = {total_steps * log['batch']} examples:\n")
+    for k, ph in enumerate(phases):
+        c = ph["log"]
+
+        def at(frac, c=c):
+            i = min(len(c) - 1, max(0, int(round(frac * (len(c) - 1)))))
+            return f"{c[i]['loss']:.2f}"
+
+        how = "from random init" if k == 0 else "continued from phase 1 (`--init-from`), new scenes"
+        w(f"- phase {k + 1} ({how}): {ph['wall_seconds'] / 60:.0f} min, {ph['steps']} steps, peak LR {ph['lr']}; "
+          f"loss (mean over 20 steps) {at(0)} -> {at(0.25)} -> {at(0.5)} -> {at(0.75)} -> {at(1.0)}")
+    w("\nFull curves in `train_log.json`. The loss is dominated by the four 1024-way location tokens of the "
+      "detection targets.\n")
     if m:
         w("## Evaluation (50 held-out scenes, seed 2, greedy)\n")
         w("| metric | HF transformers (f32) |\n|---|---|")
         w(f"| caption exact match | {m['caption_exact'] * 100:.0f} % |")
         w(f"| count accuracy | {m['count_acc'] * 100:.0f} % |")
         w(f"| detect mean IoU (single-shape scenes, n = {m['detect_n']}) | {m['detect_mean_iou']:.3f} |")
+        missed = [name for name, ok in (("caption exact match >= 80 %", m["caption_exact"] >= 0.8),
+                                        ("count accuracy >= 90 %", m["count_acc"] >= 0.9),
+                                        ("mean IoU >= 0.5", m["detect_mean_iou"] >= 0.5)) if not ok]
+        if missed:
+            w("\n**Targets not reached** within the CPU time budget: " + ", ".join(missed) + ". The count and "
+              "the colours are mostly right, but the model did not learn to tell circles, squares and triangles "
+              "apart (the shape word is right about one time in three, i.e. chance), the left-to-right order of "
+              "several shapes is often wrong, and boxes are only roughly placed (about half of them reach IoU 0.5).")
         w("\nThe scenes, their ground truth and HF's greedy outputs are in `tests/fixtures/shapes/`; "
           "`cargo test --test trained` checks paligemma-wgpu's answers against both.\n")
     w("## Limitations\n")
@@ -582,6 +631,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="default 1.5e-3 (tiny) / 2e-5 (LoRA)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", default=None,
+                    help="tiny model: continue training from a saved tiny model dir (new warmup + cosine)")
     ap.add_argument("--eval-only", action="store_true", help="only re-run the evaluation of --out")
     args = ap.parse_args()
 
