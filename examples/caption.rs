@@ -3,9 +3,9 @@
 //! ```text
 //! cargo run --release --example caption -- [--model DIR|ORG/NAME] [--image PATH] [--lang en]
 //! ```
-//! Without `--model` it runs the tiny random-weight fixture model shipped in the repository,
-//! which proves the pipeline but writes gibberish; point it at a real checkpoint such as
-//! `google/paligemma-3b-mix-224` for real captions.
+//! Without `--model` it runs `assets/tiny-shapes`, a toy PaliGemma trained on synthetic shape
+//! scenes (it captions those, with limited accuracy); point it at a real checkpoint such as
+//! `google/paligemma-3b-mix-224` for real photos.
 
 use std::io::Write;
 
@@ -17,10 +17,10 @@ use paligemma::model::{resolve_model_dir, LoadOptions, PaliGemma};
 #[derive(Parser)]
 struct Args {
     /// Checkpoint directory or org/name in the local Hugging Face cache.
-    #[arg(long, default_value = "tests/fixtures/models/tiny-mqa-f32")]
+    #[arg(long, default_value = "assets/tiny-shapes")]
     model: String,
     /// Image to caption.
-    #[arg(long, default_value = "tests/fixtures/images/astronaut.png")]
+    #[arg(long, default_value = "assets/scenes/scene_000.png")]
     image: std::path::PathBuf,
     /// Caption language code.
     #[arg(long, default_value = "en")]

@@ -5,10 +5,9 @@
 //! ```
 //!
 //! `--model` is a checkpoint directory (or `org/name` in the Hugging Face cache), by default
-//! the tiny random-weight fixture `tests/fixtures/models/tiny-mqa-f32`. That model has real
-//! PaliGemma architecture but random weights, so its "answers" are gibberish: expect no
-//! boxes, invalid ones, or boxes in meaningless places. Use a real checkpoint such as
-//! `google/paligemma-3b-mix-224` for real detections.
+//! `assets/tiny-shapes`, a toy PaliGemma trained on synthetic shape scenes (boxes roughly
+//! right, shape names often wrong — see its model card) on `assets/scenes/scene_000.png`. Use
+//! a real checkpoint such as `google/paligemma-3b-mix-224` for real detections.
 
 use std::path::PathBuf;
 
@@ -22,13 +21,13 @@ use paligemma::tasks::{annotate, parse_answer};
 #[derive(Parser)]
 struct Args {
     /// Checkpoint directory or org/name.
-    #[arg(long, default_value = "tests/fixtures/models/tiny-mqa-f32")]
+    #[arg(long, default_value = "assets/tiny-shapes")]
     model: String,
     /// The image.
-    #[arg(long, default_value = "tests/fixtures/images/chelsea.jpg")]
+    #[arg(long, default_value = "assets/scenes/scene_000.png")]
     image: PathBuf,
     /// The prompt: "detect" and object names separated by " ; ".
-    #[arg(long, default_value = "detect cat")]
+    #[arg(long, default_value = "detect square")]
     prompt: String,
     /// Stop after this many tokens (each object takes 4 location tokens and its label).
     #[arg(long, default_value_t = 40)]

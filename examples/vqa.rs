@@ -4,8 +4,9 @@
 //! ```text
 //! cargo run --release --example vqa -- [--model DIR|ORG/NAME] [--image PATH] [QUESTION ...]
 //! ```
-//! Without `--model` it runs the tiny random-weight fixture model shipped in the repository
-//! (gibberish answers); use e.g. `google/paligemma-3b-mix-224` for real ones.
+//! Without `--model` it runs `assets/tiny-shapes`, a toy PaliGemma trained on synthetic shape
+//! scenes, which answers "how many shapes?"; use e.g. `google/paligemma-3b-mix-224` for real
+//! questions about real photos.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -18,10 +19,10 @@ use paligemma::model::{resolve_model_dir, Event, LoadOptions, PaliGemma};
 #[derive(Parser)]
 struct Args {
     /// Checkpoint directory or org/name in the local Hugging Face cache.
-    #[arg(long, default_value = "tests/fixtures/models/tiny-mqa-f32")]
+    #[arg(long, default_value = "assets/tiny-shapes")]
     model: String,
     /// Image to ask about.
-    #[arg(long, default_value = "tests/fixtures/images/chelsea.jpg")]
+    #[arg(long, default_value = "assets/scenes/scene_000.png")]
     image: std::path::PathBuf,
     /// Questions (default: a few generic ones).
     questions: Vec<String>,
@@ -34,10 +35,7 @@ fn main() -> Result<()> {
     eprintln!("adapter: {}", model.gpu().describe());
     let pixels = model.images.load(&args.image)?;
     let questions = if args.questions.is_empty() {
-        vec![
-            "what animal is this?".to_string(),
-            "what colour is it?".to_string(),
-        ]
+        vec!["how many shapes?".to_string()]
     } else {
         args.questions
     };
