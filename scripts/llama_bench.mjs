@@ -1,6 +1,7 @@
 // Time llama.cpp (through node-llama-cpp's prebuilt Vulkan binaries) on a GGUF written by
-// make_gguf.py: cold first prefill (shader compilation included), warm prefill and greedy
-// decode, with the same token counts as `paligemma bench`. Prints one JSON object.
+// make_gguf.py: cold first prefill (shader compilation included), warm prefill (time to first
+// token) and greedy decode, with the same token counts as `paligemma bench`. Prints one JSON
+// object.
 //
 // usage: node scripts/llama_bench.mjs MODEL.gguf [prompt_tokens=266] [decode_steps=16]
 // Set GGML_VK_VISIBLE_DEVICES=0 to use the first Vulkan device (lavapipe on a CPU machine).
@@ -32,35 +33,36 @@ const seq = context.getSequence();
 // <bos> then ordinary pieces; the image positions of PaliGemma are plain tokens here.
 const prompt = [2, ...Array.from({length: promptTokens - 1}, (_, i) => 1000 + 37 * i)];
 
-async function prefill() {
+// One request: the prompt, then `n` greedy tokens. Time to first token covers the prefill, the
+// LM head of the last position and the first pick (as `paligemma bench` counts its prefill);
+// decode runs from the first token to the n-th.
+async function request(n) {
     await seq.clearHistory();
+    const times = [];
     const t0 = now();
-    await seq.evaluateWithoutGeneratingNewTokens(prompt);
-    return now() - t0;
+    for await (const _token of seq.evaluate(prompt, {temperature: 0})) {
+        times.push(now());
+        if (times.length >= n) break;
+    }
+    return {ttftS: times[0] - t0, tokS: n > 1 ? (n - 1) / (times[n - 1] - times[0]) : 0};
 }
 
-const coldPrefillS = await prefill();
-const prefillS = await prefill();
-
-// Greedy decode: time from the first generated token to the steps-th one after it.
-await seq.clearHistory();
-const times = [];
-for await (const _token of seq.evaluate(prompt, {temperature: 0})) {
-    times.push(now());
-    if (times.length > steps) break;
-}
-const decodeTokS = steps / (times[steps] - times[0]);
+// The first request compiles the prefill pipelines, the second the one-token (decode) ones;
+// the third is timed.
+const cold = await request(1);
+await request(steps + 1);
+const warm = await request(steps + 1);
 
 console.log(JSON.stringify({
     engine: "llama.cpp (node-llama-cpp, Vulkan)",
     devices: gpuDevices,
     prompt_tokens: promptTokens,
     load_s: loadS,
-    cold_prefill_s: coldPrefillS,
-    prefill_s: prefillS,
-    prefill_tok_s: promptTokens / prefillS,
+    cold_prefill_s: cold.ttftS,
+    prefill_s: warm.ttftS,
+    prefill_tok_s: promptTokens / warm.ttftS,
     decode_steps: steps,
-    decode_tok_s: decodeTokS,
+    decode_tok_s: warm.tokS,
 }));
 await context.dispose();
 await model.dispose();

@@ -256,49 +256,36 @@ fn matmul_lanes(
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
     var a3 = vec4<f32>(0.0);
-    // 8 values of k per step, then 4 more when k % 8 == 4.
-    let steps = p.k / 8u;
+    // Steps of 8 values of k in two halves of 4 (one x vec4 each); when k % 8 == 4 the
+    // second half of the last step is skipped.
+    let steps = (p.k + 7u) / 8u;
     for (var j = 0u; j < steps; j++) {
         let q0 = w[w0 + j];
         let q1 = w[w1 + j];
         let q2 = w[w2 + j];
         let q3 = w[w3 + j];
-        {
-            let lo = pair(q0.x, q1.x, q2.x, q3.x);
-            let hi = pair(q0.y, q1.y, q2.y, q3.y);
-            let v0 = x4[x0 + 2u * j];
-            let v1 = x4[x1 + 2u * j];
-            let v2 = x4[x2 + 2u * j];
-            let v3 = x4[x3 + 2u * j];
-            a0 = step2(step2(a0, v0.x, v0.y, lo), v0.z, v0.w, hi);
-            a1 = step2(step2(a1, v1.x, v1.y, lo), v1.z, v1.w, hi);
-            a2 = step2(step2(a2, v2.x, v2.y, lo), v2.z, v2.w, hi);
-            a3 = step2(step2(a3, v3.x, v3.y, lo), v3.z, v3.w, hi);
-        }
-        {
-            let lo = pair(q0.z, q1.z, q2.z, q3.z);
-            let hi = pair(q0.w, q1.w, q2.w, q3.w);
-            let v0 = x4[x0 + 2u * j + 1u];
-            let v1 = x4[x1 + 2u * j + 1u];
-            let v2 = x4[x2 + 2u * j + 1u];
-            let v3 = x4[x3 + 2u * j + 1u];
-            a0 = step2(step2(a0, v0.x, v0.y, lo), v0.z, v0.w, hi);
-            a1 = step2(step2(a1, v1.x, v1.y, lo), v1.z, v1.w, hi);
-            a2 = step2(step2(a2, v2.x, v2.y, lo), v2.z, v2.w, hi);
-            a3 = step2(step2(a3, v3.x, v3.y, lo), v3.z, v3.w, hi);
-        }
-    }
-    if (steps * 8u < p.k) {
-        let lo = pair(w[w0 + steps].x, w[w1 + steps].x, w[w2 + steps].x, w[w3 + steps].x);
-        let hi = pair(w[w0 + steps].y, w[w1 + steps].y, w[w2 + steps].y, w[w3 + steps].y);
-        let v0 = x4[x0 + 2u * steps];
-        let v1 = x4[x1 + 2u * steps];
-        let v2 = x4[x2 + 2u * steps];
-        let v3 = x4[x3 + 2u * steps];
+        var lo = pair(q0.x, q1.x, q2.x, q3.x);
+        var hi = pair(q0.y, q1.y, q2.y, q3.y);
+        var v0 = x4[x0 + 2u * j];
+        var v1 = x4[x1 + 2u * j];
+        var v2 = x4[x2 + 2u * j];
+        var v3 = x4[x3 + 2u * j];
         a0 = step2(step2(a0, v0.x, v0.y, lo), v0.z, v0.w, hi);
         a1 = step2(step2(a1, v1.x, v1.y, lo), v1.z, v1.w, hi);
         a2 = step2(step2(a2, v2.x, v2.y, lo), v2.z, v2.w, hi);
         a3 = step2(step2(a3, v3.x, v3.y, lo), v3.z, v3.w, hi);
+        if (j * 8u + 8u <= p.k) {
+            lo = pair(q0.z, q1.z, q2.z, q3.z);
+            hi = pair(q0.w, q1.w, q2.w, q3.w);
+            v0 = x4[x0 + 2u * j + 1u];
+            v1 = x4[x1 + 2u * j + 1u];
+            v2 = x4[x2 + 2u * j + 1u];
+            v3 = x4[x3 + 2u * j + 1u];
+            a0 = step2(step2(a0, v0.x, v0.y, lo), v0.z, v0.w, hi);
+            a1 = step2(step2(a1, v1.x, v1.y, lo), v1.z, v1.w, hi);
+            a2 = step2(step2(a2, v2.x, v2.y, lo), v2.z, v2.w, hi);
+            a3 = step2(step2(a3, v3.x, v3.y, lo), v3.z, v3.w, hi);
+        }
     }
     let rows = array<vec4<f32>, 4>(a0, a1, a2, a3);
     for (var r = 0u; r < 4u; r++) {
@@ -326,7 +313,7 @@ fn matvec_lanes(
     let xo = p.x_row * p.x_stride / 4u;
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
-    let steps = p.k / 8u;
+    let steps = (p.k + 7u) / 8u;
     for (var j = 0u; j < steps; j++) {
         let q0 = w[w0 + j];
         let q1 = w[w1 + j];
@@ -337,30 +324,17 @@ fn matvec_lanes(
         let q6 = w[w6 + j];
         let q7 = w[w7 + j];
         let v = x4[xo + 2u * j];
-        let u = x4[xo + 2u * j + 1u];
-        a = step2(a, v.x, v.y, pair(q0.x, q1.x, q2.x, q3.x));
-        a = step2(a, v.z, v.w, pair(q0.y, q1.y, q2.y, q3.y));
-        a = step2(a, u.x, u.y, pair(q0.z, q1.z, q2.z, q3.z));
-        a = step2(a, u.z, u.w, pair(q0.w, q1.w, q2.w, q3.w));
-        b = step2(b, v.x, v.y, pair(q4.x, q5.x, q6.x, q7.x));
-        b = step2(b, v.z, v.w, pair(q4.y, q5.y, q6.y, q7.y));
-        b = step2(b, u.x, u.y, pair(q4.z, q5.z, q6.z, q7.z));
-        b = step2(b, u.z, u.w, pair(q4.w, q5.w, q6.w, q7.w));
-    }
-    if (steps * 8u < p.k) {
-        let v = x4[xo + 2u * steps];
-        let q0 = w[w0 + steps];
-        let q1 = w[w1 + steps];
-        let q2 = w[w2 + steps];
-        let q3 = w[w3 + steps];
-        let q4 = w[w4 + steps];
-        let q5 = w[w5 + steps];
-        let q6 = w[w6 + steps];
-        let q7 = w[w7 + steps];
         a = step2(a, v.x, v.y, pair(q0.x, q1.x, q2.x, q3.x));
         a = step2(a, v.z, v.w, pair(q0.y, q1.y, q2.y, q3.y));
         b = step2(b, v.x, v.y, pair(q4.x, q5.x, q6.x, q7.x));
         b = step2(b, v.z, v.w, pair(q4.y, q5.y, q6.y, q7.y));
+        if (j * 8u + 8u <= p.k) {
+            let u = x4[xo + 2u * j + 1u];
+            a = step2(a, u.x, u.y, pair(q0.z, q1.z, q2.z, q3.z));
+            a = step2(a, u.z, u.w, pair(q0.w, q1.w, q2.w, q3.w));
+            b = step2(b, u.x, u.y, pair(q4.z, q5.z, q6.z, q7.z));
+            b = step2(b, u.z, u.w, pair(q4.w, q5.w, q6.w, q7.w));
+        }
     }
     store4(0u, nb, a);
     store4(0u, nb + 256u, b);

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::generate::{GenerateOptions, Generation};
 use crate::gpu::{Gpu, KernelKey, Recorder, Tensor};
-use crate::model::{PaliGemma, PaliGemmaConfig, TextConfig};
+use crate::model::{LoadOptions, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
 use crate::processor::image::PixelValues;
 use crate::{Error, Result};
 
@@ -36,6 +36,8 @@ pub struct BenchOptions {
     pub run_model: bool,
     /// Run the device probes.
     pub probes: bool,
+    /// How the weight matrices are stored.
+    pub weights: WeightFormat,
 }
 
 impl Default for BenchOptions {
@@ -49,12 +51,14 @@ impl Default for BenchOptions {
             seed: 0,
             run_model: true,
             probes: true,
+            weights: WeightFormat::F16,
         }
     }
 }
 
 /// Arithmetic and memory traffic of a piece of work, counted from the shapes: a multiply-add
-/// is 2 FLOP; bytes are the f16 weight matrices read once, plus the KV cache for decode.
+/// is 2 FLOP; bytes are the weight matrices read once (at `bytes_per_weight` each: 2 for f16,
+/// see [`WeightFormat::bytes_per_weight`]), plus the KV cache for decode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Work {
     /// Floating-point operations.
@@ -82,7 +86,7 @@ fn decoder_layer_params(c: &TextConfig) -> f64 {
 }
 
 /// Work of the vision tower and projector for one image.
-pub fn vision_work(c: &PaliGemmaConfig) -> Work {
+pub fn vision_work(c: &PaliGemmaConfig, bytes_per_weight: f64) -> Work {
     let v = &c.vision;
     let n = c.num_image_tokens() as f64;
     let (d, i) = (v.hidden_size as f64, v.intermediate_size as f64);
@@ -93,13 +97,13 @@ pub fn vision_work(c: &PaliGemmaConfig) -> Work {
     let params = patch + layers * layer + proj;
     Work {
         flop: 2.0 * n * params + layers * 4.0 * n * n * d,
-        bytes: 2.0 * (params + n * d),
+        bytes: bytes_per_weight * params + 2.0 * n * d,
     }
 }
 
 /// Work of the prefill of `tokens` prompt positions (all in the bidirectional prefix), with
 /// the LM head for the last position.
-pub fn prefill_work(c: &TextConfig, tokens: usize) -> Work {
+pub fn prefill_work(c: &TextConfig, tokens: usize, bytes_per_weight: f64) -> Work {
     let t = tokens as f64;
     let layers = c.num_hidden_layers as f64;
     let layer = decoder_layer_params(c);
@@ -107,12 +111,12 @@ pub fn prefill_work(c: &TextConfig, tokens: usize) -> Work {
     let head = (c.vocab_size * c.hidden_size) as f64;
     Work {
         flop: layers * (2.0 * t * layer + attn) + 2.0 * head,
-        bytes: 2.0 * (layers * layer + head + t * c.hidden_size as f64),
+        bytes: bytes_per_weight * (layers * layer + head) + 2.0 * t * c.hidden_size as f64,
     }
 }
 
 /// Work of one decode step whose query sees `kv_len` keys (itself included).
-pub fn decode_work(c: &TextConfig, kv_len: usize) -> Work {
+pub fn decode_work(c: &TextConfig, kv_len: usize, bytes_per_weight: f64) -> Work {
     let l = kv_len as f64;
     let layers = c.num_hidden_layers as f64;
     let layer = decoder_layer_params(c);
@@ -121,7 +125,9 @@ pub fn decode_work(c: &TextConfig, kv_len: usize) -> Work {
     Work {
         flop: layers * (2.0 * layer + 4.0 * l * (c.num_attention_heads * c.head_dim) as f64)
             + 2.0 * head,
-        bytes: 2.0 * (layers * layer + head + c.hidden_size as f64) + layers * 2.0 * l * kvd * 4.0,
+        bytes: bytes_per_weight * (layers * layer + head)
+            + 2.0 * c.hidden_size as f64
+            + layers * 2.0 * l * kvd * 4.0,
     }
 }
 
@@ -161,6 +167,8 @@ pub struct Probes {
 pub struct ModelReport {
     /// What ran: the checkpoint directory or the synthetic shapes.
     pub model: String,
+    /// How the weight matrices were stored.
+    pub weights: WeightFormat,
     /// Vision encoder layers.
     pub vision_layers: usize,
     /// Decoder layers.
@@ -299,17 +307,25 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
     let created = gpu.bytes_created();
     let start = Instant::now();
     let (model, label) = match &opts.model {
-        Some(dir) => (
-            PaliGemma::load_on(gpu.clone(), dir, true)?,
-            dir.display().to_string(),
-        ),
+        Some(dir) => {
+            let load = LoadOptions {
+                progress: true,
+                weights: opts.weights,
+                ..Default::default()
+            };
+            (
+                PaliGemma::load_with(gpu.clone(), dir, &load)?,
+                dir.display().to_string(),
+            )
+        }
         None => {
             let config = synthetic_config(opts.layers)?;
             let label = format!(
-                "synthetic PaliGemma-3B-224 shapes, random f16 weights, {} layers per tower",
+                "synthetic PaliGemma-3B-224 shapes, random weights, {} layers per tower",
                 opts.layers
             );
-            (PaliGemma::synthetic(gpu.clone(), config, opts.seed)?, label)
+            let model = PaliGemma::synthetic_with(gpu.clone(), config, opts.seed, opts.weights)?;
+            (model, label)
         }
     };
     let load_s = start.elapsed().as_secs_f64();
@@ -343,11 +359,12 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
     let ttft_s = t.vision_s + t.prefill_s;
     let peak_rss = peak_rss_bytes();
 
-    let vision = vision_work(&config);
-    let prefill = prefill_work(&config.text, ids.len());
+    let bpw = opts.weights.bytes_per_weight();
+    let vision = vision_work(&config, bpw);
+    let prefill = prefill_work(&config.text, ids.len(), bpw);
     let steps = opts.decode_steps;
     let decode_total = (1..=steps).fold(Work::default(), |acc, j| {
-        acc + decode_work(&config.text, ids.len() + j)
+        acc + decode_work(&config.text, ids.len() + j, bpw)
     });
     let decode = Work {
         flop: decode_total.flop / steps as f64,
@@ -355,6 +372,7 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
     };
     Ok(ModelReport {
         model: label,
+        weights: opts.weights,
         vision_layers: config.vision.num_hidden_layers,
         text_layers: config.text.num_hidden_layers,
         vocab: config.text.vocab_size,
@@ -520,8 +538,8 @@ impl BenchReport {
         if let Some(m) = &self.model {
             let _ = writeln!(
                 s,
-                "model: {} ({} vision + {} text layers, vocabulary {})",
-                m.model, m.vision_layers, m.text_layers, m.vocab
+                "model: {} ({} vision + {} text layers, vocabulary {}), {} weights",
+                m.model, m.vision_layers, m.text_layers, m.vocab, m.weights
             );
             let _ = writeln!(
                 s,
@@ -648,18 +666,21 @@ mod tests {
         // One Gemma-2B layer: q 2048², k and v 256·2048, o 2048², gate/up/down 3·2048·16384.
         let layer = 2.0 * 2048.0 * 2048.0 + 2.0 * 256.0 * 2048.0 + 3.0 * 2048.0 * 16384.0;
         let head = 257216.0 * 2048.0;
-        let d = decode_work(&c.text, 10);
+        let d = decode_work(&c.text, 10, 2.0);
         assert_eq!(d.flop, 2.0 * layer + 4.0 * 10.0 * 2048.0 + 2.0 * head);
         assert_eq!(
             d.bytes,
             2.0 * (layer + head + 2048.0) + 2.0 * 10.0 * 256.0 * 4.0
         );
-        let p = prefill_work(&c.text, 266);
+        // int8: one byte a weight; activations and KV cache as before.
+        let d8 = decode_work(&c.text, 10, 1.0);
+        assert_eq!(d8.bytes, d.bytes - (layer + head));
+        let p = prefill_work(&c.text, 266, 2.0);
         assert_eq!(
             p.flop,
             2.0 * 266.0 * layer + 4.0 * 266.0 * 266.0 * 2048.0 + 2.0 * head
         );
-        let v = vision_work(&c);
+        let v = vision_work(&c, 2.0);
         let vl = 4.0 * 1152.0 * 1152.0 + 2.0 * 1152.0 * 4304.0;
         let params = 588.0 * 1152.0 + vl + 1152.0 * 2048.0;
         assert_eq!(v.flop, 2.0 * 256.0 * params + 4.0 * 256.0 * 256.0 * 1152.0);

@@ -171,7 +171,10 @@ fn annotated_png_and_mask_files_match_the_report() {
     assert_eq!(objects.len(), 4);
     let png = image::open(dir.0.join("annotated.png")).unwrap().to_rgba8();
     assert_eq!(png.dimensions(), (451, 300));
-    let original = image::open(chelsea()).unwrap().to_rgba8();
+    // Decoded as the engine decodes it (libjpeg-turbo's decoder, like Pillow).
+    let original = paligemma::processor::image::decode_image(&chelsea())
+        .unwrap()
+        .to_rgba8();
     let t = line_width(451, 300);
     let want_masks = ref_full_masks(451);
     for (i, o) in objects.iter().enumerate() {

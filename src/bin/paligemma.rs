@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use paligemma::generate::{GenerateOptions, SamplingParams};
 use paligemma::gpu::{Gpu, GpuOptions};
-use paligemma::model::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma};
+use paligemma::model::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma, WeightFormat};
 use paligemma::tasks::{process_answer, OutputOptions};
 
 #[derive(Parser)]
@@ -28,6 +28,15 @@ struct Cli {
     /// into the weights at load.
     #[arg(long, global = true, value_name = "DIR")]
     adapter: Option<PathBuf>,
+    /// Store the weight matrices as f16, or quantised to int8 (per output channel) or int4
+    /// (blocks of 32): about 2, 1 and 0.56 bytes a weight.
+    #[arg(
+        long,
+        global = true,
+        value_name = "f16|int8|int4",
+        default_value = "f16"
+    )]
+    weights: WeightFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -103,7 +112,8 @@ enum Command {
     /// Measure cold start, time to first token, prefill and decode throughput against device
     /// probes, on a checkpoint or a synthetic model of PaliGemma-3B-224 shapes.
     Bench {
-        /// Checkpoint directory or org/name; default: synthetic random f16 weights.
+        /// Checkpoint directory or org/name; default: synthetic random weights (stored as
+        /// --weights says).
         #[arg(long)]
         model: Option<String>,
         /// Layers in each tower of the synthetic model.
@@ -192,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
     let load = LoadOptions {
         progress: true,
         adapter: cli.adapter.clone(),
+        weights: cli.weights,
         ..Default::default()
     };
     match cli.command {
@@ -332,6 +343,7 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 run_model: !probes_only,
                 probes: !no_probes,
+                weights: cli.weights,
                 ..Default::default()
             };
             let gpu = open_gpu(cli.max_binding)?;

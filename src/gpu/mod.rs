@@ -4,6 +4,7 @@
 
 mod context;
 mod pipeline;
+pub mod quantize;
 mod recorder;
 pub mod shaders;
 mod tensor;

@@ -16,6 +16,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("attention", include_str!("../../shaders/attention.wgsl")),
     ("conv", include_str!("../../shaders/conv.wgsl")),
     ("probe", include_str!("../../shaders/probe.wgsl")),
+    ("quant", include_str!("../../shaders/quant.wgsl")),
 ];
 
 /// The source of the shader called `name`.

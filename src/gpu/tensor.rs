@@ -2,10 +2,13 @@
 //! are padded to [`WEIGHT_ROW_ALIGN`] values and split into chunks of whole rows, each chunk its
 //! own buffer no larger than [`Gpu::weight_chunk_bytes`], so that a tensor of any size can be
 //! bound (the 1 GB Gemma embedding table on a 128 MiB binding limit, or a small model under a
-//! forced 64 KiB limit in tests).
+//! forced 64 KiB limit in tests). Weights may instead be quantised at load ([`DType::Q8`],
+//! [`DType::Q4`]; layout in [`super::quantize`]), chunked the same way, each chunk holding its
+//! rows' packed values and their scales.
 
 use half::f16;
 
+use super::quantize::{dequantize_row, quantize_row, RowLayout};
 use super::Gpu;
 use crate::{Error, Result};
 
@@ -22,16 +25,31 @@ pub enum DType {
     F16,
     /// 32-bit unsigned integer: token ids, positions.
     U32,
+    /// Quantised weight matrix: 8-bit integers with one f32 scale per row.
+    Q8,
+    /// Quantised weight matrix: 4-bit integers with one f16 scale per block of 32 values.
+    Q4,
 }
 
 impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bits per element (scales of quantised types not included).
+    pub fn bits(self) -> usize {
         match self {
-            DType::F32 => 4,
-            DType::F16 => 2,
-            DType::U32 => 4,
+            DType::F32 | DType::U32 => 32,
+            DType::F16 => 16,
+            DType::Q8 => 8,
+            DType::Q4 => 4,
         }
+    }
+
+    /// Bytes per element, rounded up (a Q4 value takes half a byte).
+    pub fn size(self) -> usize {
+        self.bits().div_ceil(8)
+    }
+
+    /// Whether this is a quantised weight type (values dequantised inside the kernels).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8 | DType::Q4)
     }
 }
 
@@ -221,6 +239,85 @@ impl Tensor {
         })
     }
 
+    /// A quantised weight matrix of `shape` ([`DType::Q8`] or [`DType::Q4`]), filled row by
+    /// row by `fill(row, dst)` with the `cols` f32 values to quantise. Rows are padded to whole
+    /// 16-byte units and split into chunks of at most [`Gpu::weight_chunk_bytes`], each holding
+    /// its rows' packed values followed by their scales (see [`super::quantize`]). Only one
+    /// chunk is ever held on the host.
+    pub fn weight_quantized(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    ) -> Result<Self> {
+        let (rows, cols) = rows_cols(name, shape)?;
+        let layout = RowLayout::new(dtype, cols)
+            .ok_or_else(|| Error::tensor(name, format!("{dtype:?} is not a quantised type")))?;
+        let row_bytes = layout.data_bytes + layout.scale_bytes;
+        let rows_per_chunk = (gpu.weight_chunk_bytes() as usize / 16 * 16) / row_bytes;
+        if rows_per_chunk == 0 {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "one {dtype:?} row of {row_bytes} bytes exceeds the binding limit of {} bytes",
+                    gpu.weight_chunk_bytes()
+                ),
+            ));
+        }
+        let mut chunks = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
+        let mut host: Vec<u8> = Vec::new();
+        let mut src = vec![0.0f32; cols];
+        let mut row_start = 0;
+        while row_start < rows {
+            let n = rows_per_chunk.min(rows - row_start);
+            let size = layout.chunk_bytes(n);
+            let buffer = gpu.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(name),
+                size: size as u64,
+                usage: ACTIVATION_USAGE,
+                mapped_at_creation: true,
+            });
+            host.clear();
+            host.resize(size, 0);
+            let (data, scales) = host.split_at_mut(n * layout.data_bytes);
+            for r in 0..n {
+                fill(row_start + r, &mut src)?;
+                if let Some(i) = src.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::tensor(
+                        name,
+                        format!("row {}, column {i} is {}", row_start + r, src[i]),
+                    ));
+                }
+                quantize_row(
+                    dtype,
+                    &src,
+                    &mut data[r * layout.data_bytes..(r + 1) * layout.data_bytes],
+                    &mut scales[r * layout.scale_bytes..(r + 1) * layout.scale_bytes],
+                );
+            }
+            buffer
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Gpu(format!("mapping weight {name}: {e}")))?
+                .copy_from_slice(&host);
+            buffer.unmap();
+            chunks.push(Chunk {
+                buffer,
+                row_start,
+                rows: n,
+            });
+            row_start += n;
+        }
+        Ok(Tensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            row_stride: layout.values,
+            chunks,
+        })
+    }
+
     /// The tensor's name (its checkpoint name for weights).
     pub fn name(&self) -> &str {
         &self.name
@@ -259,6 +356,12 @@ impl Tensor {
         self.row_stride
     }
 
+    /// Bytes between the starts of consecutive rows in storage (for quantised weights, of
+    /// their packed values; the scales follow all of a chunk's rows).
+    pub fn row_bytes(&self) -> usize {
+        self.row_stride * self.dtype.bits() / 8
+    }
+
     /// The chunks of rows, in order.
     pub fn chunks(&self) -> &[Chunk] {
         &self.chunks
@@ -289,7 +392,10 @@ impl Tensor {
             ));
         }
         let cols = self.cols();
-        let row_bytes = (self.row_stride * self.dtype.size()) as u64;
+        if let Some(layout) = RowLayout::new(self.dtype, cols) {
+            return self.read_quantized_rows(gpu, start, count, layout);
+        }
+        let row_bytes = self.row_bytes() as u64;
         let mut out = Vec::with_capacity(count * cols);
         for chunk in &self.chunks {
             let lo = start.max(chunk.row_start);
@@ -314,7 +420,49 @@ impl Tensor {
                         let v: &[u32] = bytemuck::cast_slice(&raw);
                         out.extend(v[row..row + cols].iter().map(|x| *x as f32));
                     }
+                    DType::Q8 | DType::Q4 => unreachable!("read_quantized_rows"),
                 }
+            }
+        }
+        Ok(out)
+    }
+    /// [`Tensor::read_rows`] of a quantised weight: each chunk's packed rows and their scales,
+    /// dequantised.
+    fn read_quantized_rows(
+        &self,
+        gpu: &Gpu,
+        start: usize,
+        count: usize,
+        layout: RowLayout,
+    ) -> Result<Vec<f32>> {
+        let cols = self.cols();
+        let mut out = vec![0.0f32; count * cols];
+        for chunk in &self.chunks {
+            let lo = start.max(chunk.row_start);
+            let hi = (start + count).min(chunk.row_start + chunk.rows);
+            if lo >= hi {
+                continue;
+            }
+            let (a, b) = (lo - chunk.row_start, hi - chunk.row_start);
+            let data = gpu.read_bytes(
+                &chunk.buffer,
+                (a * layout.data_bytes) as u64,
+                ((b - a) * layout.data_bytes) as u64,
+            )?;
+            // Copies are 4-byte aligned; Q4 rows' scales may start mid-word.
+            let scales_at = chunk.rows * layout.data_bytes;
+            let s0 = (scales_at + a * layout.scale_bytes) / 4 * 4;
+            let s1 = (scales_at + b * layout.scale_bytes).div_ceil(4) * 4;
+            let scales = gpu.read_bytes(&chunk.buffer, s0 as u64, (s1 - s0) as u64)?;
+            let skip = scales_at + a * layout.scale_bytes - s0;
+            for r in 0..b - a {
+                let sb = skip + r * layout.scale_bytes;
+                dequantize_row(
+                    self.dtype,
+                    &data[r * layout.data_bytes..(r + 1) * layout.data_bytes],
+                    &scales[sb..sb + layout.scale_bytes],
+                    &mut out[(lo - start + r) * cols..(lo - start + r + 1) * cols],
+                );
             }
         }
         Ok(out)

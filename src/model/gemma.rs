@@ -52,7 +52,8 @@ pub struct DecoderLayer {
 /// The Gemma language model with its tied embedding / LM head.
 pub struct Gemma {
     cfg: TextConfig,
-    /// The embedding table `[vocab, hidden]` (f16, split over bindings); also the LM head.
+    /// The embedding table `[vocab, hidden]` (f16 or quantised, split over bindings); also the
+    /// LM head.
     pub embed: Tensor,
     layers: Vec<DecoderLayer>,
     final_norm: Tensor,

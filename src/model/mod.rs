@@ -10,4 +10,4 @@ pub use config::{PaliGemmaConfig, TextConfig, VisionConfig};
 pub use paligemma::{
     resolve_model_dir, Event, GenerationStream, ImageEncoder, LoadOptions, PaliGemma,
 };
-pub use weights::Checkpoint;
+pub use weights::{Checkpoint, WeightFormat};

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::config::PaliGemmaConfig;
 use super::gemma::Gemma;
 use super::siglip::VisionTower;
-use super::weights::Checkpoint;
+use super::weights::{Checkpoint, WeightFormat};
 use crate::generate::{logprobs, GenerateOptions, Generation, Sampler, Step, Timings};
 use crate::gpu::{Gpu, GpuOptions, Plan, Recorder, Tensor};
 use crate::ops::sample::{argmax_logprob, read_pick};
@@ -58,6 +58,9 @@ pub struct LoadOptions {
     pub progress: bool,
     /// A PEFT LoRA adapter directory to merge into the weights at load.
     pub adapter: Option<PathBuf>,
+    /// How the weight matrices are stored: f16, or quantised to int8 / int4 (norms, biases,
+    /// the patch and position embeddings stay as they are).
+    pub weights: WeightFormat,
 }
 
 /// A loaded PaliGemma model.
@@ -159,6 +162,7 @@ fn open_checkpoint(dir: &Path, options: &LoadOptions) -> Result<(PaliGemmaConfig
     }
     let config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
     let mut ck = Checkpoint::open(dir)?;
+    ck.set_weight_format(options.weights);
     if let Some(adapter) = &options.adapter {
         ck.add_adapter(adapter)?;
     }
@@ -230,8 +234,19 @@ impl PaliGemma {
     /// A model of `config`'s shapes with seeded random weights and no tokenizer, built in
     /// memory (benchmarks, full-size shape tests). Use [`PaliGemma::generate_ids`] with it.
     pub fn synthetic(gpu: Arc<Gpu>, config: PaliGemmaConfig, seed: u64) -> Result<Self> {
+        Self::synthetic_with(gpu, config, seed, WeightFormat::F16)
+    }
+
+    /// As [`PaliGemma::synthetic`], with the weight matrices stored in `weights`.
+    pub fn synthetic_with(
+        gpu: Arc<Gpu>,
+        config: PaliGemmaConfig,
+        seed: u64,
+        weights: WeightFormat,
+    ) -> Result<Self> {
         let start = Instant::now();
-        let ck = Checkpoint::synthetic(seed);
+        let mut ck = Checkpoint::synthetic(seed);
+        ck.set_weight_format(weights);
         let vision = VisionTower::load(&ck, &gpu, &config)?;
         let text = Gemma::load(&ck, &gpu, &config.text)?;
         Ok(PaliGemma {

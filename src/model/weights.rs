@@ -14,8 +14,81 @@ use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::{Error, Result};
+
+/// How weight matrices are stored on the GPU, chosen at load time (`--weights`). Quantised
+/// formats are computed from the checkpoint's values in f32 (after any LoRA merge) and never
+/// expanded in memory; the kernels dequantise as they read (layouts in
+/// [`crate::gpu::quantize`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// 16-bit floats (2 bytes a weight).
+    #[default]
+    F16,
+    /// 8-bit integers, one f32 scale per output channel (≈1 byte a weight).
+    Int8,
+    /// 4-bit integers, one f16 scale per 32 values along a row (0.5625 bytes a weight).
+    Int4,
+}
+
+impl WeightFormat {
+    /// Every format, in order of size.
+    pub const ALL: [WeightFormat; 3] = [WeightFormat::F16, WeightFormat::Int8, WeightFormat::Int4];
+
+    /// The name used on the command line: `f16`, `int8` or `int4`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F16 => "f16",
+            WeightFormat::Int8 => "int8",
+            WeightFormat::Int4 => "int4",
+        }
+    }
+
+    /// Bytes a weight takes on the GPU, scales included (int8's per-row f32 scale, under 0.4 %
+    /// for rows of 1152 and more, is left out).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            WeightFormat::F16 => 2.0,
+            WeightFormat::Int8 => 1.0,
+            WeightFormat::Int4 => 0.5 + 2.0 / 32.0,
+        }
+    }
+
+    /// The tensor storage type of matrices in this format.
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightFormat::F16 => DType::F16,
+            WeightFormat::Int8 => DType::Q8,
+            WeightFormat::Int4 => DType::Q4,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = Error;
+
+    /// Parse `f16`, `int8` or `int4` (any case).
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+                Error::Request(format!(
+                    "unknown weight format {s:?}; the formats are {}",
+                    names.join(", ")
+                ))
+            })
+    }
+}
 
 struct Entry {
     file: usize,
@@ -34,6 +107,7 @@ pub struct Checkpoint {
     synthetic: Option<u64>,
     progress: Option<ProgressBar>,
     lora: HashMap<String, LoraDelta>,
+    format: WeightFormat,
 }
 
 /// A LoRA update `W += scale · B · A` for one weight, kept in f32 on the host.
@@ -170,6 +244,7 @@ impl Checkpoint {
             synthetic: None,
             progress: None,
             lora: HashMap::new(),
+            format: WeightFormat::F16,
         })
     }
 
@@ -182,6 +257,7 @@ impl Checkpoint {
             synthetic: Some(seed),
             progress: None,
             lora: HashMap::new(),
+            format: WeightFormat::F16,
         }
     }
 
@@ -411,44 +487,98 @@ impl Checkpoint {
         }
     }
 
-    /// Load a weight as an f16 matrix `[shape[0], product of the rest]` (a conv kernel
-    /// `[out, c, kh, kw]` becomes `[out, c·kh·kw]`), checking it has exactly `shape`.
+    /// Store the matrices loaded from now on by [`Checkpoint::matrix`] in `format` (f16 by
+    /// default).
+    pub fn set_weight_format(&mut self, format: WeightFormat) {
+        self.format = format;
+    }
+
+    /// The format [`Checkpoint::matrix`] stores matrices in.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Load a weight as a matrix `[shape[0], product of the rest]` (a conv kernel
+    /// `[out, c, kh, kw]` becomes `[out, c·kh·kw]`) in the checkpoint's weight format (see
+    /// [`Checkpoint::set_weight_format`]), checking it has exactly `shape`.
     pub fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.matrix_as(gpu, name, shape, self.format)
+    }
+
+    /// As [`Checkpoint::matrix`], always in f16 (small matrices whose precision matters more
+    /// than their size: the patch embedding and the position embeddings).
+    pub fn matrix_f16(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.matrix_as(gpu, name, shape, WeightFormat::F16)
+    }
+
+    fn matrix_as(
+        &self,
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        format: WeightFormat,
+    ) -> Result<Tensor> {
         let rows = shape[0];
         let cols: usize = shape[1..].iter().product();
+        let dims = [rows, cols];
         if let Some(seed) = self.synthetic {
             let scale = (cols as f32).powf(-0.5);
-            return Tensor::weight_f16(gpu, name, &[rows, cols], |r, dst| {
+            let row = |r: usize, dst: &mut [f32]| {
                 let mut v = SyntheticValues::new(name, seed, r);
-                dst.iter_mut()
-                    .for_each(|d| *d = f16::from_f32(v.next(scale)));
+                dst.iter_mut().for_each(|d| *d = v.next(scale));
                 Ok(())
-            });
+            };
+            return match format {
+                WeightFormat::F16 => Tensor::weight_f16(gpu, name, &dims, |r, dst| {
+                    let mut v = SyntheticValues::new(name, seed, r);
+                    dst.iter_mut()
+                        .for_each(|d| *d = f16::from_f32(v.next(scale)));
+                    Ok(())
+                }),
+                _ => Tensor::weight_quantized(gpu, name, &dims, format.dtype(), row),
+            };
         }
         let e = self.entry(name, shape)?;
         let elem = if e.dtype == Dtype::F32 { 4 } else { 2 };
         let data = self.bytes(e);
         let lora = self.lora.get(name);
-        let mut row = vec![0.0f32; if lora.is_some() { cols } else { 0 }];
-        let t = Tensor::weight_f16(gpu, name, &[rows, cols], |r, dst| {
+        // Row `r` in f32 with the LoRA update added (for quantised formats and LoRA).
+        let row_f32 = |r: usize, dst: &mut [f32]| {
             let src = &data[r * cols * elem..(r + 1) * cols * elem];
-            match lora {
-                None => Self::convert(e.dtype, src, dst, f16::from_f32, |h| h),
-                Some(d) => {
-                    Self::convert(e.dtype, src, &mut row, |x| x, f16::to_f32);
-                    for k in 0..d.rank {
-                        let coef = d.scale * d.b[r * d.rank + k];
-                        for (w, a) in row.iter_mut().zip(&d.a[k * cols..(k + 1) * cols]) {
-                            *w += coef * a;
-                        }
-                    }
-                    for (o, w) in dst.iter_mut().zip(&row) {
-                        *o = f16::from_f32(*w);
+            Self::convert(e.dtype, src, dst, |x| x, f16::to_f32);
+            if let Some(d) = lora {
+                for k in 0..d.rank {
+                    let coef = d.scale * d.b[r * d.rank + k];
+                    for (w, a) in dst.iter_mut().zip(&d.a[k * cols..(k + 1) * cols]) {
+                        *w += coef * a;
                     }
                 }
             }
-            Ok(())
-        })?;
+        };
+        let t = match format {
+            WeightFormat::F16 => {
+                let mut row = vec![0.0f32; if lora.is_some() { cols } else { 0 }];
+                Tensor::weight_f16(gpu, name, &dims, |r, dst| {
+                    match lora {
+                        None => {
+                            let src = &data[r * cols * elem..(r + 1) * cols * elem];
+                            Self::convert(e.dtype, src, dst, f16::from_f32, |h| h);
+                        }
+                        Some(_) => {
+                            row_f32(r, &mut row);
+                            for (o, w) in dst.iter_mut().zip(&row) {
+                                *o = f16::from_f32(*w);
+                            }
+                        }
+                    }
+                    Ok(())
+                })?
+            }
+            _ => Tensor::weight_quantized(gpu, name, &dims, format.dtype(), |r, dst| {
+                row_f32(r, dst);
+                Ok(())
+            })?,
+        };
         self.tick(e);
         Ok(t)
     }

@@ -25,7 +25,8 @@ struct Params {
 /// every `i` in `0..ids.numel()`.
 ///
 /// `table` is an f16 `[vocab, dim]` weight in any number of chunks (one dispatch each, each
-/// handling the ids inside its rows), `ids` a u32 tensor, `out` f32 `[.., dim]`.
+/// handling the ids inside its rows; Q8/Q4 tables go to [`super::quant::embed_quantized`]),
+/// `ids` a u32 tensor, `out` f32 `[.., dim]`.
 /// `combine` is usually [`Combine::Store`] (token embeddings, `scale = √hidden` for Gemma) or
 /// [`Combine::Add`] (SigLIP's learned position embeddings, with ids `0..n` and `scale = 1`).
 ///
@@ -41,6 +42,9 @@ pub fn embed(
     scale: f32,
     combine: Combine,
 ) -> Result<()> {
+    if table.dtype().is_quantized() {
+        return super::quant::embed_quantized(rec, table, ids, out, out_row, scale, combine);
+    }
     const K: &str = "embed";
     let (vocab, dim) = (table.rows(), table.cols());
     let n = ids.numel();

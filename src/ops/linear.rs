@@ -63,7 +63,8 @@ impl Kernels {
 }
 
 /// Record `out[r] = combine(out[r], act(x[r] · Wᵀ + bias))` for the selected rows.
-/// `w` is an f16 `[n, k]` matrix (any number of chunks), `bias` an f32 `[n]` vector,
+/// `w` is an f16 `[n, k]` matrix (any number of chunks; Q8/Q4 weights go to
+/// [`super::quant::linear_quantized`]), `bias` an f32 `[n]` vector,
 /// `x` f32 `[.., k]`, `out` f32 `[.., n]`.
 pub fn linear(
     rec: &mut Recorder,
@@ -73,6 +74,9 @@ pub fn linear(
     out: &Tensor,
     opts: LinearOpts,
 ) -> Result<()> {
+    if w.dtype().is_quantized() {
+        return super::quant::linear_quantized(rec, x, w, bias, out, opts);
+    }
     let kernels = Kernels::choose(rec.gpu(), w.cols());
     linear_with(rec, x, w, bias, out, opts, kernels)
 }

@@ -8,6 +8,7 @@ pub mod embed;
 pub mod linear;
 pub mod norm;
 pub mod patch;
+pub mod quant;
 pub mod rope;
 pub mod sample;
 pub mod softcap;

@@ -1,0 +1,620 @@
+// Quantised weights, dequantised inside the kernels (never expanded in memory): linear layers
+// and the embedding gather. Activations, arithmetic and accumulation are f32.
+//
+// Weight chunk (binding 2, read as vec4<u32>; packing in src/gpu/quantize.rs): rows of `rows`
+// output channels, each w_stride4 vec4<u32> ("units") of packed values, then the scales from
+// u32 word scale_off = rows * w_stride4 * 4.
+//   Q8 (override Q4 = false): 16 values a unit, one byte each, value i of a row in bits
+//       8(i % 4) of word i / 4; w[r, i] = q · s[r], s[r] the f32 at word scale_off + r.
+//   Q4 (Q4 = true): 32 values a unit = one block, one nibble each, value i in bits 4(i % 8) of
+//       word i / 8; w[r, i] = q · s[r, i / 32], s an f16, half number r · w_stride4 + i / 32
+//       of the scale words (low half first).
+//   q is two's complement: shifting the field to the top of an i32 and arithmetic-shifting it
+//   back down sign-extends it. Padding values are 0.
+//
+// Linear: out[m, n] = epilogue(sum_k x[m, k] · w[n, k] + bias[n]), parameters and epilogue as
+// in shaders/matmul.wgsl: v = acc + bias (HAS_BIAS); v = gelu_tanh(v) (ACT = 1); MODE 0 stores
+// v, 1 adds it to out, 2 multiplies out by it. This chunk writes columns out_col .. out_col + n
+// of rows out_row .. out_row + m, reading x rows x_row .. x_row + m (row stride x_stride).
+// Q8 row scales multiply the finished dot products; Q4 block scales each block's partial sum.
+//   `qmatmul`: 32x32 output tile per 8x8 workgroup, 4x4 outputs per thread, k in steps of 32
+//       (2 Q8 units / 1 Q4 block), weights dequantised into workgroup memory.
+//   `qmatvec`: a few rows (decode): 64 threads split k by units, 4 output columns per
+//       workgroup, row of x = workgroup z.
+//   `qmatvec_lanes` (one row: 8 columns per lane, 512 per workgroup, a unit per step) and
+//       `qmatmul_lanes` (4 rows x 4 columns per lane, 4 x 256 per workgroup, 8 values of k per
+//       step: larger loop bodies ran ~2x slower on lavapipe) for CPU adapters, laid out like
+//       matmul.wgsl's `*_lanes`: each lane owns whole weight rows and walks k, x is read as
+//       vec4<f32> at lane-uniform addresses (k % 4 == 0, x_stride == k).
+// Embedding (`qembed`): out[out_row + i, :] = combine(out[out_row + i, :], table[ids[i], :] ·
+// scale) for i < n, as shaders/embed.wgsl: this chunk holds table rows row_start .. row_start +
+// rows; ids >= vocab give zeros in the dispatch with last = 1. One 64-thread workgroup per id
+// (linear index wid.x + wid.y * nwg.x), one packed word per thread and step.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    w_stride4: u32,
+    x_stride: u32,
+    out_stride: u32,
+    out_col: u32,
+    out_row: u32,
+    bias_off: u32,
+    x_row: u32,
+    scale_off: u32,
+    _pad: u32,
+}
+
+struct EmbedParams {
+    n: u32,
+    dim: u32,
+    w_stride4: u32,
+    row_start: u32,
+    rows: u32,
+    vocab: u32,
+    out_row: u32,
+    last: u32,
+    scale: f32,
+    scale_off: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+override Q4: bool = false;
+override HAS_BIAS: bool = false;
+override ACT: u32 = 0u;
+override MODE: u32 = 0u;
+
+// Linear layers.
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+// The same binding seen as vec4s by the `*_lanes` kernels.
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// Embedding gather (binding 2 is the table chunk `w`).
+@group(0) @binding(0) var<uniform> pe: EmbedParams;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> eout: array<f32>;
+
+const WG: u32 = 64u;
+
+fn gelu_tanh(v: f32) -> f32 {
+    let u = 0.7978845608028654 * (v + 0.044715 * v * v * v);
+    return 0.5 * v * (1.0 + tanh(clamp(u, -15.0, 15.0)));
+}
+
+fn combine(old: f32, v: f32) -> f32 {
+    if (MODE == 1u) {
+        return old + v;
+    } else if (MODE == 2u) {
+        return old * v;
+    }
+    return v;
+}
+
+// Word i of the weight chunk.
+fn word(i: u32) -> u32 {
+    return w[i >> 2u][i & 3u];
+}
+
+// Q8: the 4 values of a word.
+fn q8(u: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<i32>(bitcast<i32>(u)) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u));
+}
+
+// Q4: the first and the last 4 values of a word.
+fn q4lo(u: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<i32>(bitcast<i32>(u)) << vec4<u32>(28u, 24u, 20u, 16u)) >> vec4<u32>(28u));
+}
+
+fn q4hi(u: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<i32>(bitcast<i32>(u)) << vec4<u32>(12u, 8u, 4u, 0u)) >> vec4<u32>(28u));
+}
+
+// Q8 scale of row r.
+fn row_scale(off: u32, r: u32) -> f32 {
+    return bitcast<f32>(word(off + r));
+}
+
+// Q4 scale of block b of row r (`blocks` a row).
+fn block_scale(off: u32, blocks: u32, r: u32, b: u32) -> f32 {
+    let i = r * blocks + b;
+    let h = unpack2x16float(word(off + (i >> 1u)));
+    return select(h.x, h.y, (i & 1u) == 1u);
+}
+
+// The values of one unit along k, 4 at a time (Q8 uses v0 .. v3).
+struct Vals {
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    v2: vec4<f32>,
+    v3: vec4<f32>,
+    v4: vec4<f32>,
+    v5: vec4<f32>,
+    v6: vec4<f32>,
+    v7: vec4<f32>,
+}
+
+// Values per unit and vec4s per unit.
+fn unit_values() -> u32 {
+    return select(16u, 32u, Q4);
+}
+
+// The integers of a unit of weights (unscaled).
+fn deq(q: vec4<u32>) -> Vals {
+    var v: Vals;
+    if (Q4) {
+        v.v0 = q4lo(q.x);
+        v.v1 = q4hi(q.x);
+        v.v2 = q4lo(q.y);
+        v.v3 = q4hi(q.y);
+        v.v4 = q4lo(q.z);
+        v.v5 = q4hi(q.z);
+        v.v6 = q4lo(q.w);
+        v.v7 = q4hi(q.w);
+    } else {
+        v.v0 = q8(q.x);
+        v.v1 = q8(q.y);
+        v.v2 = q8(q.z);
+        v.v3 = q8(q.w);
+    }
+    return v;
+}
+
+// acc + a · b.
+fn fdot(a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
+    return acc + dot(a, b);
+}
+
+fn vdot(a: Vals, b: Vals) -> f32 {
+    var s = fdot(a.v3, b.v3, fdot(a.v2, b.v2, fdot(a.v1, b.v1, fdot(a.v0, b.v0, 0.0))));
+    if (Q4) {
+        s = fdot(a.v7, b.v7, fdot(a.v6, b.v6, fdot(a.v5, b.v5, fdot(a.v4, b.v4, s))));
+    }
+    return s;
+}
+
+// Epilogue for column `col` of this chunk; `acc` is the dot product before the Q8 row scale.
+fn store(row: u32, col: u32, acc: f32) {
+    var v = acc;
+    if (!Q4) {
+        v *= row_scale(p.scale_off, col);
+    }
+    if (HAS_BIAS) {
+        v += bias[p.bias_off + col];
+    }
+    if (ACT == 1u) {
+        v = gelu_tanh(v);
+    }
+    let i = (row + p.out_row) * p.out_stride + p.out_col + col;
+    out[i] = combine(out[i], v);
+}
+
+// ---- threads kernels ----
+
+// x[k0 .. k0 + 4] of the row starting at xb, zeros from k on.
+fn xv4(xb: u32, k0: u32) -> vec4<f32> {
+    if (k0 + 4u <= p.k) {
+        return vec4<f32>(x[xb + k0], x[xb + k0 + 1u], x[xb + k0 + 2u], x[xb + k0 + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if (k0 + e < p.k) {
+            v[e] = x[xb + k0 + e];
+        }
+    }
+    return v;
+}
+
+// The x values of the unit starting at k0.
+fn x_unit(xb: u32, k0: u32) -> Vals {
+    var v: Vals;
+    v.v0 = xv4(xb, k0);
+    v.v1 = xv4(xb, k0 + 4u);
+    v.v2 = xv4(xb, k0 + 8u);
+    v.v3 = xv4(xb, k0 + 12u);
+    if (Q4) {
+        v.v4 = xv4(xb, k0 + 16u);
+        v.v5 = xv4(xb, k0 + 20u);
+        v.v6 = xv4(xb, k0 + 24u);
+        v.v7 = xv4(xb, k0 + 28u);
+    }
+    return v;
+}
+
+const RV: u32 = 4u;
+var<workgroup> red: array<f32, 256>; // [RV][WG]
+
+@compute @workgroup_size(64, 1, 1)
+fn qmatvec(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let n0 = (wid.x + wid.y * nwg.x) * RV;
+    let row = wid.z;
+    let xb = (row + p.x_row) * p.x_stride;
+    let uv = unit_values();
+    let units = (p.k + uv - 1u) / uv;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var j = t; j < units; j += WG) {
+        let xu = x_unit(xb, j * uv);
+        for (var r = 0u; r < RV; r++) {
+            let c = n0 + r;
+            if (c < p.n) {
+                let s = vdot(deq(w[c * p.w_stride4 + j]), xu);
+                if (Q4) {
+                    acc[r] = fma(s, block_scale(p.scale_off, p.w_stride4, c, j), acc[r]);
+                } else {
+                    acc[r] += s;
+                }
+            }
+        }
+    }
+    for (var r = 0u; r < RV; r++) {
+        red[r * WG + t] = acc[r];
+    }
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (t < s) {
+            for (var r = 0u; r < RV; r++) {
+                red[r * WG + t] += red[r * WG + t + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (t < RV && n0 + t < p.n && row < p.m) {
+        store(row, n0 + t, red[t * WG]);
+    }
+}
+
+const BM: u32 = 32u;
+const BN: u32 = 32u;
+const BK: u32 = 32u;
+
+// Tiles stored k-major so a thread's 4 consecutive rows/columns are adjacent.
+var<workgroup> xs: array<f32, 1024>; // [BK][BM]
+var<workgroup> ws: array<f32, 1024>; // [BK][BN]
+
+@compute @workgroup_size(8, 8, 1)
+fn qmatmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.y * 8u + lid.x;
+    let m0 = wid.y * BM;
+    let n0 = wid.x * BN;
+    // Weight tile loads: thread t dequantises values 16h .. 16h + 16 of the step for row r.
+    let r = t / 2u;
+    let h = t % 2u;
+    var acc: array<array<f32, 4>, 4>;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        // x tile: 32 rows x 32 k, 16 values per thread.
+        for (var i = 0u; i < 16u; i++) {
+            let idx = t + 64u * i;
+            let xr = idx / BK;
+            let xc = idx % BK;
+            var v = 0.0;
+            if (m0 + xr < p.m && k0 + xc < p.k) {
+                v = x[(m0 + xr + p.x_row) * p.x_stride + k0 + xc];
+            }
+            xs[xc * BM + xr] = v;
+        }
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        var c = vec4<f32>(0.0);
+        var d = vec4<f32>(0.0);
+        if (n0 + r < p.n) {
+            if (Q4) {
+                // k0 < k, so block k0 / 32 is inside the row.
+                let blk = k0 / 32u;
+                let q = w[(n0 + r) * p.w_stride4 + blk];
+                let s = block_scale(p.scale_off, p.w_stride4, n0 + r, blk);
+                let u0 = select(q.x, q.z, h == 1u);
+                let u1 = select(q.y, q.w, h == 1u);
+                a = q4lo(u0) * s;
+                b = q4hi(u0) * s;
+                c = q4lo(u1) * s;
+                d = q4hi(u1) * s;
+            } else {
+                let kv = k0 / 16u + h;
+                if (kv < p.w_stride4) {
+                    let q = w[(n0 + r) * p.w_stride4 + kv];
+                    a = q8(q.x);
+                    b = q8(q.y);
+                    c = q8(q.z);
+                    d = q8(q.w);
+                }
+            }
+        }
+        let base = h * 16u;
+        for (var e = 0u; e < 4u; e++) {
+            ws[(base + e) * BN + r] = a[e];
+            ws[(base + 4u + e) * BN + r] = b[e];
+            ws[(base + 8u + e) * BN + r] = c[e];
+            ws[(base + 12u + e) * BN + r] = d[e];
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var xa: array<f32, 4>;
+            var wb: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                xa[i] = xs[kk * BM + lid.y * 4u + i];
+                wb[i] = ws[kk * BN + lid.x * 4u + i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc[i][j] = fma(xa[i], wb[j], acc[i][j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let row = m0 + lid.y * 4u + i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + lid.x * 4u + j;
+            if (row < p.m && col < p.n) {
+                store(row, col, acc[i][j]);
+            }
+        }
+    }
+}
+
+// ---- lane kernels (CPU adapters) ----
+// Weights are unpacked one packed word (4 Q8 / 8 Q4 values) at a time, so few values are live
+// at once (each `.x` .. `.w` of a lane's vec4<u32> is its own gather on such drivers anyway).
+// x indices are clamped to the row's last vec4, so the last unit needs no separate code: past
+// k the weights are zero padding.
+
+// The values of one packed word, 4 at a time: Q8 uses `a`, Q4 `a` then `b`.
+struct Xw {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+// The x values of word e after vec4 index xu of a row ending at vec4 xend.
+fn xw(xu: u32, e: u32, xend: u32) -> Xw {
+    if (Q4) {
+        return Xw(x4[min(xu + 2u * e, xend)], x4[min(xu + 2u * e + 1u, xend)]);
+    }
+    return Xw(x4[min(xu + e, xend)], vec4<f32>(0.0));
+}
+
+// acc + the dot product of one packed word (unscaled) with its x values.
+fn wdot(u: u32, v: Xw, acc: f32) -> f32 {
+    if (Q4) {
+        return fdot(q4hi(u), v.b, fdot(q4lo(u), v.a, acc));
+    }
+    return fdot(q8(u), v.a, acc);
+}
+
+// Accumulators of 8 columns: nb + 64c in `a` (c < 4) and `b` (c >= 4).
+struct Acc8 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+// One word of 8 columns (columns 0..3's words in `p`, 4..7's in `q`) against x values `v`.
+fn mv_word(acc: Acc8, p: vec4<u32>, q: vec4<u32>, v: Xw) -> Acc8 {
+    return Acc8(
+        vec4<f32>(wdot(p.x, v, acc.a.x), wdot(p.y, v, acc.a.y), wdot(p.z, v, acc.a.z), wdot(p.w, v, acc.a.w)),
+        vec4<f32>(wdot(q.x, v, acc.b.x), wdot(q.y, v, acc.b.y), wdot(q.z, v, acc.b.z), wdot(q.w, v, acc.b.w)),
+    );
+}
+
+// Q4 scales of block j of 4 columns.
+fn scales4(c: vec4<u32>, j: u32) -> vec4<f32> {
+    let s = p.scale_off;
+    let b = p.w_stride4;
+    return vec4<f32>(
+        block_scale(s, b, c.x, j),
+        block_scale(s, b, c.y, j),
+        block_scale(s, b, c.z, j),
+        block_scale(s, b, c.w, j),
+    );
+}
+
+// Store columns col, col + 64, col + 128, col + 192 of one row, those inside the chunk.
+fn store4(row: u32, col: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        if (col + 64u * c < p.n) {
+            store(row, col + 64u * c, v[c]);
+        }
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn qmatvec_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let nb = (wid.x + wid.y * nwg.x) * 512u + t;
+    // Out-of-range columns read a valid one and are not stored.
+    let ca = min(vec4<u32>(nb) + vec4<u32>(0u, 64u, 128u, 192u), vec4<u32>(p.n - 1u));
+    let cb = min(vec4<u32>(nb) + vec4<u32>(256u, 320u, 384u, 448u), vec4<u32>(p.n - 1u));
+    let wa = ca * p.w_stride4;
+    let wb = cb * p.w_stride4;
+    let uv4 = unit_values() / 4u;
+    let xo = p.x_row * p.x_stride / 4u;
+    let xend = xo + p.k / 4u - 1u;
+    var acc = Acc8(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var j = 0u; j < p.w_stride4; j++) {
+        let xu = xo + j * uv4;
+        let qa = array<vec4<u32>, 4>(w[wa.x + j], w[wa.y + j], w[wa.z + j], w[wa.w + j]);
+        let qb = array<vec4<u32>, 4>(w[wb.x + j], w[wb.y + j], w[wb.z + j], w[wb.w + j]);
+        var u = Acc8(vec4<f32>(0.0), vec4<f32>(0.0));
+        u = mv_word(u, vec4<u32>(qa[0].x, qa[1].x, qa[2].x, qa[3].x),
+            vec4<u32>(qb[0].x, qb[1].x, qb[2].x, qb[3].x), xw(xu, 0u, xend));
+        u = mv_word(u, vec4<u32>(qa[0].y, qa[1].y, qa[2].y, qa[3].y),
+            vec4<u32>(qb[0].y, qb[1].y, qb[2].y, qb[3].y), xw(xu, 1u, xend));
+        u = mv_word(u, vec4<u32>(qa[0].z, qa[1].z, qa[2].z, qa[3].z),
+            vec4<u32>(qb[0].z, qb[1].z, qb[2].z, qb[3].z), xw(xu, 2u, xend));
+        u = mv_word(u, vec4<u32>(qa[0].w, qa[1].w, qa[2].w, qa[3].w),
+            vec4<u32>(qb[0].w, qb[1].w, qb[2].w, qb[3].w), xw(xu, 3u, xend));
+        if (Q4) {
+            acc.a = fma(u.a, scales4(ca, j), acc.a);
+            acc.b = fma(u.b, scales4(cb, j), acc.b);
+        } else {
+            acc.a += u.a;
+            acc.b += u.b;
+        }
+    }
+    store4(0u, nb, acc.a);
+    store4(0u, nb + 256u, acc.b);
+}
+
+// Row accumulators of the 4 x 4 block of a lane: component c is column nb + 64c.
+struct Acc4 {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+
+// Dequantised word of one column (scaled by s for Q4): Q8 uses `a`.
+fn wvals(u: u32, s: f32) -> Xw {
+    if (Q4) {
+        return Xw(q4lo(u) * s, q4hi(u) * s);
+    }
+    return Xw(q8(u), vec4<f32>(0.0));
+}
+
+// acc + x[i] · t[i] over i: one row's 4 values of k against 4 columns (t[i] holds value i of
+// each column), fma on vec4s over the columns.
+fn row_fma(acc: vec4<f32>, x: vec4<f32>, t: mat4x4<f32>) -> vec4<f32> {
+    let a = fma(vec4<f32>(x.x), t[0], acc);
+    let b = fma(vec4<f32>(x.y), t[1], a);
+    let c = fma(vec4<f32>(x.z), t[2], b);
+    return fma(vec4<f32>(x.w), t[3], c);
+}
+
+// One word of 4 columns (`q`, scales `s`) for 4 rows with x row starts `xr` (vec4 units).
+fn mm_word(acc: Acc4, q: vec4<u32>, s: vec4<f32>, xr: vec4<u32>, e: u32, xe: vec4<u32>) -> Acc4 {
+    let w0 = wvals(q.x, s.x);
+    let w1 = wvals(q.y, s.y);
+    let w2 = wvals(q.z, s.z);
+    let w3 = wvals(q.w, s.w);
+    let v0 = xw(xr.x, e, xe.x);
+    let v1 = xw(xr.y, e, xe.y);
+    let v2 = xw(xr.z, e, xe.z);
+    let v3 = xw(xr.w, e, xe.w);
+    let ta = transpose(mat4x4<f32>(w0.a, w1.a, w2.a, w3.a));
+    var r = Acc4(
+        row_fma(acc.r0, v0.a, ta),
+        row_fma(acc.r1, v1.a, ta),
+        row_fma(acc.r2, v2.a, ta),
+        row_fma(acc.r3, v3.a, ta),
+    );
+    if (Q4) {
+        let tb = transpose(mat4x4<f32>(w0.b, w1.b, w2.b, w3.b));
+        r = Acc4(
+            row_fma(r.r0, v0.b, tb),
+            row_fma(r.r1, v1.b, tb),
+            row_fma(r.r2, v2.b, tb),
+            row_fma(r.r3, v3.b, tb),
+        );
+    }
+    return r;
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn qmatmul_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let nb = wid.x * 256u + t;
+    let m0 = wid.y * 4u;
+    // Out-of-range columns and rows read a valid one and are not stored.
+    let c = min(vec4<u32>(nb) + vec4<u32>(0u, 64u, 128u, 192u), vec4<u32>(p.n - 1u));
+    // Rows' first words.
+    let wr = c * (4u * p.w_stride4);
+    let rows = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.m - 1u));
+    let xo = (rows + vec4<u32>(p.x_row)) * (p.x_stride / 4u);
+    let xe = xo + vec4<u32>(p.k / 4u - 1u);
+    var acc: Acc4;
+    var s = vec4<f32>(1.0);
+    // 8 values of k per step (2 Q8 words / 1 Q4 word): small loop bodies run faster there.
+    let steps = select(2u, 4u, Q4) * p.w_stride4;
+    for (var h = 0u; h < steps; h++) {
+        let xr = xo + vec4<u32>(2u * h);
+        if (Q4) {
+            if ((h & 3u) == 0u) {
+                s = scales4(c, h >> 2u);
+            }
+            let q = vec4<u32>(word(wr.x + h), word(wr.y + h), word(wr.z + h), word(wr.w + h));
+            acc = mm_word(acc, q, s, xr, 0u, xe);
+        } else {
+            // Words 0-1 or 2-3 of each column's unit.
+            let j = (wr >> vec4<u32>(2u)) + vec4<u32>(h >> 1u);
+            let hi = (h & 1u) == 1u;
+            let q0 = select(w[j.x].xy, w[j.x].zw, hi);
+            let q1 = select(w[j.y].xy, w[j.y].zw, hi);
+            let q2 = select(w[j.z].xy, w[j.z].zw, hi);
+            let q3 = select(w[j.w].xy, w[j.w].zw, hi);
+            acc = mm_word(acc, vec4<u32>(q0.x, q1.x, q2.x, q3.x), s, xr, 0u, xe);
+            acc = mm_word(acc, vec4<u32>(q0.y, q1.y, q2.y, q3.y), s, xr, 1u, xe);
+        }
+    }
+    let out_rows = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
+    for (var r = 0u; r < 4u; r++) {
+        if (m0 + r < p.m) {
+            store4(m0 + r, nb, out_rows[r]);
+        }
+    }
+}
+
+// ---- embedding gather ----
+
+fn eput(i: u32, v: f32) {
+    eout[i] = combine(eout[i], v);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn qembed(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let i = wid.x + wid.y * nwg.x;
+    if (i >= pe.n) {
+        return;
+    }
+    let id = ids[i];
+    let inside = id >= pe.row_start && id - pe.row_start < pe.rows;
+    if (!inside && !(pe.last == 1u && id >= pe.vocab)) {
+        return;
+    }
+    let r = id - pe.row_start;
+    let ob = (pe.out_row + i) * pe.dim;
+    let per = select(4u, 8u, Q4);
+    let words = (pe.dim + per - 1u) / per;
+    for (var j = t; j < words; j += WG) {
+        var lo = vec4<f32>(0.0);
+        var hi = vec4<f32>(0.0);
+        if (inside) {
+            let u = word(r * pe.w_stride4 * 4u + j);
+            if (Q4) {
+                let s = block_scale(pe.scale_off, pe.w_stride4, r, j / 4u);
+                lo = (q4lo(u) * s) * pe.scale;
+                hi = (q4hi(u) * s) * pe.scale;
+            } else {
+                lo = (q8(u) * row_scale(pe.scale_off, r)) * pe.scale;
+            }
+        }
+        let c = j * per;
+        for (var e = 0u; e < 4u; e++) {
+            if (c + e < pe.dim) {
+                eput(ob + c + e, lo[e]);
+            }
+        }
+        if (Q4) {
+            for (var e = 0u; e < 4u; e++) {
+                if (c + 4u + e < pe.dim) {
+                    eput(ob + c + 4u + e, hi[e]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Host-side packing of quantised weight matrices ([`DType::Q8`], [`DType::Q4`]), the layout
+//! `shaders/quant.wgsl` reads:
+//!
+//! - **Q8**: per row (output channel), symmetric: `s = max|w| / 127` (f32), `q = round(w / s)`
+//!   in `[-127, 127]` stored as one two's-complement byte per value; rows padded with zeros to
+//!   [`Q8_ROW_ALIGN`] values (16 bytes). Scale: one f32 per row (4 bytes).
+//! - **Q4**: blocks of [`Q4_BLOCK`] = 32 values along a row, symmetric: `s = max|w| / 7`
+//!   rounded to f16, `q = round(w / s)` in `[-7, 7]` (−8 is never used, so nothing is clipped
+//!   and every value is within `s / 2` of its original); value `i` of a row is the 4-bit
+//!   two's-complement nibble at bits `4·(i % 8)` of little-endian word `i / 8`. Rows are padded
+//!   with zeros to whole blocks (16 bytes each). Scales: one f16 per block, row-major
+//!   `[rows, blocks]`.
+//!
+//! A chunk of `n` rows is one buffer: the rows' data (`n · row bytes`, a multiple of 16), then
+//! their scales, the whole padded to 16 bytes. Values are dequantised as `q · s` in f32.
+
+use half::f16;
+
+use super::DType;
+
+/// Q8 rows are padded to a multiple of this many values (16 bytes: one `vec4<u32>` load).
+pub const Q8_ROW_ALIGN: usize = 16;
+
+/// Values per Q4 block (one f16 scale each; 16 bytes of data: one `vec4<u32>` load).
+pub const Q4_BLOCK: usize = 32;
+
+/// Bytes that one row of a quantised matrix takes in a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowLayout {
+    /// Values per row after padding (the tensor's row stride).
+    pub values: usize,
+    /// Bytes of packed values per row (a multiple of 16).
+    pub data_bytes: usize,
+    /// Bytes of scales per row (Q8: one f32; Q4: one f16 per block).
+    pub scale_bytes: usize,
+}
+
+impl RowLayout {
+    /// The layout of a `cols`-wide row of `dtype`, or `None` if `dtype` is not quantised.
+    pub fn new(dtype: DType, cols: usize) -> Option<Self> {
+        match dtype {
+            DType::Q8 => {
+                let values = cols.div_ceil(Q8_ROW_ALIGN) * Q8_ROW_ALIGN;
+                Some(RowLayout {
+                    values,
+                    data_bytes: values,
+                    scale_bytes: 4,
+                })
+            }
+            DType::Q4 => {
+                let blocks = cols.div_ceil(Q4_BLOCK);
+                Some(RowLayout {
+                    values: blocks * Q4_BLOCK,
+                    data_bytes: blocks * Q4_BLOCK / 2,
+                    scale_bytes: blocks * 2,
+                })
+            }
+            DType::F32 | DType::F16 | DType::U32 => None,
+        }
+    }
+
+    /// Bytes of a chunk of `rows` rows: data, scales, padded to 16.
+    pub fn chunk_bytes(&self, rows: usize) -> usize {
+        (rows * (self.data_bytes + self.scale_bytes)).div_ceil(16) * 16
+    }
+}
+
+/// Quantise one row `src` into its packed values `data` (`RowLayout::data_bytes` long, zero
+/// on entry) and its scales `scales` (`RowLayout::scale_bytes` long). `src` must be finite.
+pub(crate) fn quantize_row(dtype: DType, src: &[f32], data: &mut [u8], scales: &mut [u8]) {
+    match dtype {
+        DType::Q8 => {
+            let max = src.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let s = max / 127.0;
+            if s > 0.0 {
+                for (d, v) in data.iter_mut().zip(src) {
+                    *d = (v / s).round().clamp(-127.0, 127.0) as i8 as u8;
+                }
+            }
+            scales.copy_from_slice(&s.to_le_bytes());
+        }
+        DType::Q4 => {
+            for (b, block) in src.chunks(Q4_BLOCK).enumerate() {
+                let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                // Quantise against the scale as stored (f16), so q · s is what the GPU uses.
+                let s = f16::from_f32((max / 7.0).min(f16::MAX.to_f32()));
+                let sf = s.to_f32();
+                if sf > 0.0 {
+                    for (i, v) in block.iter().enumerate() {
+                        let q = (v / sf).round().clamp(-7.0, 7.0) as i8;
+                        let at = b * Q4_BLOCK + i;
+                        data[at / 2] |= ((q as u8) & 0xF) << (4 * (at % 2));
+                    }
+                }
+                scales[2 * b..2 * b + 2].copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        DType::F32 | DType::F16 | DType::U32 => unreachable!("{dtype:?} is not quantised"),
+    }
+}
+
+/// Dequantise one packed row into `dst` (`cols` values): the inverse of [`quantize_row`] up to
+/// the rounding, `q · s` exactly as the kernels compute it.
+pub(crate) fn dequantize_row(dtype: DType, data: &[u8], scales: &[u8], dst: &mut [f32]) {
+    match dtype {
+        DType::Q8 => {
+            let s = f32::from_le_bytes([scales[0], scales[1], scales[2], scales[3]]);
+            for (d, q) in dst.iter_mut().zip(data) {
+                *d = (*q as i8) as f32 * s;
+            }
+        }
+        DType::Q4 => {
+            for (i, d) in dst.iter_mut().enumerate() {
+                let b = i / Q4_BLOCK;
+                let s = f16::from_le_bytes([scales[2 * b], scales[2 * b + 1]]).to_f32();
+                // Sign-extend the nibble: shift it to the top of an i8, then back.
+                let q = ((data[i / 2] >> (4 * (i % 2))) << 4) as i8 >> 4;
+                *d = q as f32 * s;
+            }
+        }
+        DType::F32 | DType::F16 | DType::U32 => unreachable!("{dtype:?} is not quantised"),
+    }
+}
+
+/// The values a `[rows, cols]` row-major matrix has after quantising to `dtype` and back: what
+/// the kernels multiply with (CPU references and accuracy checks).
+pub fn fake_quantize(dtype: DType, cols: usize, values: &[f32]) -> Vec<f32> {
+    let layout = RowLayout::new(dtype, cols).expect("a quantised dtype");
+    let mut data = vec![0u8; layout.data_bytes];
+    let mut scales = vec![0u8; layout.scale_bytes];
+    let mut out = vec![0.0f32; values.len()];
+    for (src, dst) in values.chunks(cols).zip(out.chunks_mut(cols)) {
+        data.fill(0);
+        quantize_row(dtype, src, &mut data, &mut scales);
+        dequantize_row(dtype, &data, &scales, dst);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_round_trips_within_half_a_step() {
+        let row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.77).sin() * 3.0).collect();
+        let back = fake_quantize(DType::Q8, 37, &row);
+        let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in row.iter().zip(&back) {
+            assert!((a - b).abs() <= max / 127.0 * 0.5001, "{a} vs {b}");
+        }
+        // The largest magnitude is exact (up to the scale's rounding).
+        let i = row.iter().position(|v| v.abs() == max).unwrap();
+        assert!((back[i] - row[i]).abs() <= 1e-6 * max);
+    }
+
+    #[test]
+    fn q4_blocks_use_their_own_scale_and_keep_signs() {
+        // Block 0 small values, block 1 large, a ragged block 2 of 6 values.
+        let mut row = vec![0.0f32; 70];
+        for (i, v) in row.iter_mut().enumerate() {
+            let mag = if (32..64).contains(&i) { 10.0 } else { 0.01 };
+            *v = mag * ((i as f32 * 1.3).cos());
+        }
+        let back = fake_quantize(DType::Q4, 70, &row);
+        for b in 0..3 {
+            let block = &row[b * 32..(b * 32 + 32).min(70)];
+            let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (j, a) in block.iter().enumerate() {
+                let got = back[b * 32 + j];
+                assert!(
+                    (a - got).abs() <= max / 7.0 * 0.51,
+                    "block {b}: {a} vs {got}"
+                );
+                assert!(got == 0.0 || got.signum() == a.signum());
+            }
+        }
+        // Exactly representable values survive: −7..7 times a power of two.
+        let ints: Vec<f32> = (0..32).map(|i| ((i % 15) as f32 - 7.0) * 0.25).collect();
+        assert_eq!(fake_quantize(DType::Q4, 32, &ints), ints);
+    }
+
+    #[test]
+    fn zero_rows_stay_zero() {
+        for dtype in [DType::Q8, DType::Q4] {
+            assert_eq!(fake_quantize(dtype, 5, &[0.0; 10]), vec![0.0; 10]);
+        }
+    }
+
+    #[test]
+    fn layouts_are_16_byte_aligned() {
+        let q8 = RowLayout::new(DType::Q8, 33).unwrap();
+        assert_eq!((q8.values, q8.data_bytes, q8.scale_bytes), (48, 48, 4));
+        let q4 = RowLayout::new(DType::Q4, 33).unwrap();
+        assert_eq!((q4.values, q4.data_bytes, q4.scale_bytes), (64, 32, 4));
+        assert_eq!(q4.chunk_bytes(3), 112);
+        assert!(RowLayout::new(DType::F16, 8).is_none());
+    }
+}
