@@ -53,7 +53,7 @@ pub(crate) enum Kernels {
 
 impl Kernels {
     /// The family for this adapter and width: lanes on CPU adapters when `k % 4 == 0`.
-    fn choose(gpu: &Gpu, k: usize) -> Self {
+    pub(crate) fn choose(gpu: &Gpu, k: usize) -> Self {
         if gpu.info.device_type == wgpu::DeviceType::Cpu && k.is_multiple_of(4) {
             Kernels::Lanes
         } else {
@@ -92,56 +92,10 @@ pub(crate) fn linear_with(
     kernels: Kernels,
 ) -> Result<()> {
     const K: &str = "linear";
-    let (n, k) = (w.rows(), w.cols());
-    let m = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
     check(w.dtype() == DType::F16, K, || {
         format!("{} must be f16", w.name())
     })?;
-    check(
-        x.dtype() == DType::F32 && out.dtype() == DType::F32,
-        K,
-        || "x and out must be f32".into(),
-    )?;
-    check(x.cols() == k, K, || {
-        format!(
-            "{} has {} columns, weight {} expects {k}",
-            x.name(),
-            x.cols(),
-            w.name()
-        )
-    })?;
-    check(out.cols() == n, K, || {
-        format!(
-            "{} has {} columns, weight {} gives {n}",
-            out.name(),
-            out.cols(),
-            w.name()
-        )
-    })?;
-    check(m > 0 && opts.x_row + m <= x.rows(), K, || {
-        format!(
-            "rows {}..{} outside {}",
-            opts.x_row,
-            opts.x_row + m,
-            x.name()
-        )
-    })?;
-    check(opts.out_row + m <= out.rows(), K, || {
-        format!(
-            "rows {}..{} outside {}",
-            opts.out_row,
-            opts.out_row + m,
-            out.name()
-        )
-    })?;
-    if let Some(b) = bias {
-        check(b.numel() == n && b.dtype() == DType::F32, K, || {
-            format!("bias {} must be f32 [{n}]", b.name())
-        })?;
-    }
-    check(kernels == Kernels::Threads || k % 4 == 0, K, || {
-        format!("the lane kernels need k % 4 == 0, got k = {k}")
-    })?;
+    let (n, k, m) = check_args(K, x, w, bias, out, &opts, kernels)?;
     let entry = match (kernels, m) {
         (Kernels::Lanes, 1) => "matvec_lanes",
         (Kernels::Lanes, _) => "matmul_lanes",
@@ -179,6 +133,68 @@ pub(crate) fn linear_with(
         rec.dispatch(&key, &params, &buffers, workgroups)?;
     }
     Ok(())
+}
+
+/// The checks shared by the f16 and quantised linear launchers: shapes of `x`, `out` and
+/// `bias` against the weight `[n, k]`, the row ranges, and `k % 4 == 0` for the lane kernels.
+/// Returns `(n, k, m)` with `m` the number of rows to compute.
+pub(crate) fn check_args(
+    kernel: &str,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    opts: &LinearOpts,
+    kernels: Kernels,
+) -> Result<(usize, usize, usize)> {
+    let (n, k) = (w.rows(), w.cols());
+    let m = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
+    check(
+        x.dtype() == DType::F32 && out.dtype() == DType::F32,
+        kernel,
+        || "x and out must be f32".into(),
+    )?;
+    check(x.cols() == k, kernel, || {
+        format!(
+            "{} has {} columns, weight {} expects {k}",
+            x.name(),
+            x.cols(),
+            w.name()
+        )
+    })?;
+    check(out.cols() == n, kernel, || {
+        format!(
+            "{} has {} columns, weight {} gives {n}",
+            out.name(),
+            out.cols(),
+            w.name()
+        )
+    })?;
+    check(m > 0 && opts.x_row + m <= x.rows(), kernel, || {
+        format!(
+            "rows {}..{} outside {}",
+            opts.x_row,
+            opts.x_row + m,
+            x.name()
+        )
+    })?;
+    check(opts.out_row + m <= out.rows(), kernel, || {
+        format!(
+            "rows {}..{} outside {}",
+            opts.out_row,
+            opts.out_row + m,
+            out.name()
+        )
+    })?;
+    if let Some(b) = bias {
+        check(b.numel() == n && b.dtype() == DType::F32, kernel, || {
+            format!("bias {} must be f32 [{n}]", b.name())
+        })?;
+    }
+    check(kernels == Kernels::Threads || k % 4 == 0, kernel, || {
+        format!("the lane kernels need k % 4 == 0, got k = {k}")
+    })?;
+    Ok((n, k, m))
 }
 
 /// CPU reference of [`linear`] on row-major slices: `x` is `[m, k]`, `w` is `[n, k]`

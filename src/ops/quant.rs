@@ -7,10 +7,10 @@
 //! - linear: `out[r] = combine(out[r], act(x[r] · Wᵀ + bias))`, `W = q · s` in f32;
 //! - embed: `out[out_row + i] = combine(out[out_row + i], table[ids[i]] · scale)`.
 
-use super::linear::LinearOpts;
+use super::linear::{check_args, Kernels, LinearOpts};
 use super::{check, u32_arg, Act, Combine};
 use crate::gpu::quantize::fake_quantize;
-use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
+use crate::gpu::{DType, KernelKey, Recorder, Tensor};
 use crate::Result;
 
 #[repr(C)]
@@ -49,27 +49,6 @@ struct EmbedParams {
 /// Rows at or below which the matrix-vector kernel is used instead of the tiled one.
 const MATVEC_MAX_ROWS: usize = 4;
 
-/// Which family of kernels a launch uses (see `shaders/quant.wgsl`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Family {
-    /// For GPUs: threads of a workgroup share a tile or split k (`qmatmul`, `qmatvec`).
-    Threads,
-    /// For CPU adapters: each lane owns whole weight rows, x is read at lane-uniform
-    /// addresses (`qmatmul_lanes`, `qmatvec_lanes`). Needs `k % 4 == 0`.
-    Lanes,
-}
-
-impl Family {
-    /// Lanes on CPU adapters when `k % 4 == 0`, threads otherwise.
-    fn choose(gpu: &Gpu, k: usize) -> Self {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu && k.is_multiple_of(4) {
-            Family::Lanes
-        } else {
-            Family::Threads
-        }
-    }
-}
-
 fn quant_key(shader_entry: &'static str, dtype: DType) -> KernelKey {
     KernelKey::new("quant", shader_entry).with("Q4", (dtype == DType::Q4) as u32)
 }
@@ -85,7 +64,7 @@ pub fn linear_quantized(
     out: &Tensor,
     opts: LinearOpts,
 ) -> Result<()> {
-    let family = Family::choose(rec.gpu(), w.cols());
+    let family = Kernels::choose(rec.gpu(), w.cols());
     linear_quantized_with(rec, x, w, bias, out, opts, family)
 }
 
@@ -97,64 +76,18 @@ pub(crate) fn linear_quantized_with(
     bias: Option<&Tensor>,
     out: &Tensor,
     opts: LinearOpts,
-    family: Family,
+    family: Kernels,
 ) -> Result<()> {
     const K: &str = "linear (quantised)";
-    let (n, k) = (w.rows(), w.cols());
-    let m = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
     check(w.dtype().is_quantized(), K, || {
         format!("{} must be Q8 or Q4, is {:?}", w.name(), w.dtype())
     })?;
-    check(
-        x.dtype() == DType::F32 && out.dtype() == DType::F32,
-        K,
-        || "x and out must be f32".into(),
-    )?;
-    check(x.cols() == k, K, || {
-        format!(
-            "{} has {} columns, weight {} expects {k}",
-            x.name(),
-            x.cols(),
-            w.name()
-        )
-    })?;
-    check(out.cols() == n, K, || {
-        format!(
-            "{} has {} columns, weight {} gives {n}",
-            out.name(),
-            out.cols(),
-            w.name()
-        )
-    })?;
-    check(m > 0 && opts.x_row + m <= x.rows(), K, || {
-        format!(
-            "rows {}..{} outside {}",
-            opts.x_row,
-            opts.x_row + m,
-            x.name()
-        )
-    })?;
-    check(opts.out_row + m <= out.rows(), K, || {
-        format!(
-            "rows {}..{} outside {}",
-            opts.out_row,
-            opts.out_row + m,
-            out.name()
-        )
-    })?;
-    if let Some(b) = bias {
-        check(b.numel() == n && b.dtype() == DType::F32, K, || {
-            format!("bias {} must be f32 [{n}]", b.name())
-        })?;
-    }
-    check(family == Family::Threads || k % 4 == 0, K, || {
-        format!("the lane kernels need k % 4 == 0, got k = {k}")
-    })?;
+    let (n, k, m) = check_args(K, x, w, bias, out, &opts, family)?;
     let entry = match (family, m) {
-        (Family::Lanes, 1) => "qmatvec_lanes",
-        (Family::Lanes, _) => "qmatmul_lanes",
-        (Family::Threads, m) if m <= MATVEC_MAX_ROWS => "qmatvec",
-        (Family::Threads, _) => "qmatmul",
+        (Kernels::Lanes, 1) => "qmatvec_lanes",
+        (Kernels::Lanes, _) => "qmatmul_lanes",
+        (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS => "qmatvec",
+        (Kernels::Threads, _) => "qmatmul",
     };
     let key = quant_key(entry, w.dtype())
         .with("HAS_BIAS", bias.is_some() as u32)
@@ -296,16 +229,17 @@ pub fn embed_quantized_ref(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::Gpu;
     use crate::ops::embed::embed;
     use crate::ops::linear::linear;
     use crate::ops::testutil::{assert_close, gpu_with_limit, rand_vec};
 
     const FORMATS: [DType; 2] = [DType::Q8, DType::Q4];
 
-    fn families(k: usize) -> Vec<Family> {
-        let mut f = vec![Family::Threads];
+    fn families(k: usize) -> Vec<Kernels> {
+        let mut f = vec![Kernels::Threads];
         if k.is_multiple_of(4) {
-            f.push(Family::Lanes);
+            f.push(Kernels::Lanes);
         }
         f
     }
@@ -366,7 +300,7 @@ mod tests {
                 combine,
                 &mut want[out_row * n..(out_row + m) * n],
             );
-            let mut runs: Vec<Option<Family>> = families(k).into_iter().map(Some).collect();
+            let mut runs: Vec<Option<Kernels>> = families(k).into_iter().map(Some).collect();
             runs.push(None);
             for family in runs {
                 let ot = Tensor::from_f32(&gpu, "out", &[out_rows, n], &init).unwrap();
@@ -527,7 +461,7 @@ mod tests {
         let err = |r: Result<()>| r.unwrap_err().to_string();
         assert!(err(linear_quantized(&mut rec, &x, &w, None, &o, opts)).contains("expects 6"));
         assert!(err(linear_quantized(&mut rec, &x6, &w16, None, &o, opts)).contains("Q8 or Q4"));
-        let lanes = linear_quantized_with(&mut rec, &x6, &w, None, &o, opts, Family::Lanes);
+        let lanes = linear_quantized_with(&mut rec, &x6, &w, None, &o, opts, Kernels::Lanes);
         assert!(err(lanes).contains("k % 4"));
         let s = Combine::Store;
         assert!(err(embed_quantized(&mut rec, &w, &ids, &o, 0, 1.0, s)).contains("columns"));
