@@ -46,29 +46,10 @@ pub fn embed(
         return super::quant::embed_quantized(rec, table, ids, out, out_row, scale, combine);
     }
     const K: &str = "embed";
-    let (vocab, dim) = (table.rows(), table.cols());
-    let n = ids.numel();
     check(table.dtype() == DType::F16, K, || {
         format!("table {} must be f16", table.name())
     })?;
-    check(ids.dtype() == DType::U32, K, || {
-        format!("ids {} must be u32", ids.name())
-    })?;
-    check(out.dtype() == DType::F32, K, || {
-        format!("{} must be f32", out.name())
-    })?;
-    check(out.cols() == dim, K, || {
-        format!(
-            "{} has {} columns, table {} has {dim}",
-            out.name(),
-            out.cols(),
-            table.name()
-        )
-    })?;
-    check(out_row + n <= out.rows(), K, || {
-        format!("rows {out_row}..{} outside {}", out_row + n, out.name())
-    })?;
-    check(scale.is_finite(), K, || format!("scale = {scale}"))?;
+    let (vocab, dim, n) = check_args(K, table, ids, out, out_row, scale)?;
     let key = KernelKey::new("embed", "embed").with("MODE", combine.code());
     let workgroups = rec.grid(u32_arg(K, "ids", n)?);
     let last = table.chunks().len() - 1;
@@ -93,6 +74,39 @@ pub fn embed(
         )?;
     }
     Ok(())
+}
+
+/// The checks shared by the f16 and quantised gathers: u32 ids, an f32 output with the
+/// table's width and room for the rows, a finite scale. Returns `(vocab, dim, ids)`.
+pub(crate) fn check_args(
+    kernel: &str,
+    table: &Tensor,
+    ids: &Tensor,
+    out: &Tensor,
+    out_row: usize,
+    scale: f32,
+) -> Result<(usize, usize, usize)> {
+    let (vocab, dim) = (table.rows(), table.cols());
+    let n = ids.numel();
+    check(ids.dtype() == DType::U32, kernel, || {
+        format!("ids {} must be u32", ids.name())
+    })?;
+    check(out.dtype() == DType::F32, kernel, || {
+        format!("{} must be f32", out.name())
+    })?;
+    check(out.cols() == dim, kernel, || {
+        format!(
+            "{} has {} columns, table {} has {dim}",
+            out.name(),
+            out.cols(),
+            table.name()
+        )
+    })?;
+    check(out_row + n <= out.rows(), kernel, || {
+        format!("rows {out_row}..{} outside {}", out_row + n, out.name())
+    })?;
+    check(scale.is_finite(), kernel, || format!("scale = {scale}"))?;
+    Ok((vocab, dim, n))
 }
 
 /// CPU reference of [`embed`]: `table` is `[vocab, dim]` row-major (already rounded to f16 if

@@ -138,29 +138,10 @@ pub fn embed_quantized(
     combine: Combine,
 ) -> Result<()> {
     const K: &str = "embed (quantised)";
-    let (vocab, dim) = (table.rows(), table.cols());
-    let n = ids.numel();
     check(table.dtype().is_quantized(), K, || {
         format!("table {} must be Q8 or Q4", table.name())
     })?;
-    check(ids.dtype() == DType::U32, K, || {
-        format!("ids {} must be u32", ids.name())
-    })?;
-    check(out.dtype() == DType::F32, K, || {
-        format!("{} must be f32", out.name())
-    })?;
-    check(out.cols() == dim, K, || {
-        format!(
-            "{} has {} columns, table {} has {dim}",
-            out.name(),
-            out.cols(),
-            table.name()
-        )
-    })?;
-    check(out_row + n <= out.rows(), K, || {
-        format!("rows {out_row}..{} outside {}", out_row + n, out.name())
-    })?;
-    check(scale.is_finite(), K, || format!("scale = {scale}"))?;
+    let (vocab, dim, n) = super::embed::check_args(K, table, ids, out, out_row, scale)?;
     let key = quant_key("qembed", table.dtype()).with("MODE", combine.code());
     let workgroups = rec.grid(u32_arg(K, "ids", n)?);
     let last = table.chunks().len() - 1;
