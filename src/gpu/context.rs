@@ -183,6 +183,15 @@ impl Gpu {
         self.bytes_created.load(Ordering::Relaxed)
     }
 
+    /// Finish the copies of buffers written since the last submission (`mapped_at_creation`
+    /// and `write_buffer` uploads): wgpu keeps each one's staging memory until a submission
+    /// completes, so loaders call this after every chunk to hold one chunk of staging memory
+    /// at a time instead of a second copy of the whole model.
+    pub fn flush_uploads(&self) -> Result<()> {
+        self.queue.submit(None);
+        self.wait()
+    }
+
     /// Block until all submitted work is done.
     pub fn wait(&self) -> Result<()> {
         self.device

@@ -202,6 +202,7 @@ impl Tensor {
                 .map_err(|e| Error::Gpu(format!("mapping weight {name}: {e}")))?
                 .copy_from_slice(bytemuck::cast_slice(&host));
             buffer.unmap();
+            gpu.flush_uploads()?;
             chunks.push(Chunk {
                 buffer,
                 row_start,
@@ -302,6 +303,7 @@ impl Tensor {
                 .map_err(|e| Error::Gpu(format!("mapping weight {name}: {e}")))?
                 .copy_from_slice(&host);
             buffer.unmap();
+            gpu.flush_uploads()?;
             chunks.push(Chunk {
                 buffer,
                 row_start,

@@ -165,6 +165,9 @@ pub fn canonical_name(name: &str) -> String {
     name.to_string()
 }
 
+/// Converted checkpoint bytes are dropped from the process's memory in pieces of this size.
+const RELEASE_BYTES: usize = 16 << 20;
+
 fn map_file(path: &Path) -> Result<Mmap> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the checkpoint is opened read-only; as with every mmap-based loader, a file
@@ -559,6 +562,7 @@ impl Checkpoint {
             WeightFormat::F16 => {
                 let mut row = vec![0.0f32; if lora.is_some() { cols } else { 0 }];
                 Tensor::weight_f16(gpu, name, &dims, |r, dst| {
+                    self.release_rows(e, r, cols * elem);
                     match lora {
                         None => {
                             let src = &data[r * cols * elem..(r + 1) * cols * elem];
@@ -575,12 +579,45 @@ impl Checkpoint {
                 })?
             }
             _ => Tensor::weight_quantized(gpu, name, &dims, format.dtype(), |r, dst| {
+                self.release_rows(e, r, cols * elem);
                 row_f32(r, dst);
                 Ok(())
             })?,
         };
         self.tick(e);
+        self.release(e, e.start, e.end);
         Ok(t)
+    }
+
+    /// Called before row `r` (of `row_bytes` bytes in the file) of matrix `e` is read: every
+    /// [`RELEASE_BYTES`], drop the rows already converted (see [`Checkpoint::release`]).
+    fn release_rows(&self, e: &Entry, r: usize, row_bytes: usize) {
+        let every = (RELEASE_BYTES / row_bytes).max(1);
+        if r > 0 && r % every == 0 {
+            self.release(
+                e,
+                e.start + (r - every) * row_bytes,
+                e.start + r * row_bytes,
+            );
+        }
+    }
+
+    /// Drop the file pages of bytes `start..end` of a checkpoint file that are now on the GPU
+    /// from this process's memory (they stay in the OS page cache and fault back in if read
+    /// again), so that host memory holds the GPU copy of the model, not also the mapped
+    /// checkpoint.
+    fn release(&self, e: &Entry, start: usize, end: usize) {
+        #[cfg(unix)]
+        {
+            let map = &self.files[e.file].1;
+            // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only discards
+            // clean pages; later reads see the file's contents again. Failure is harmless.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (e, start, end);
     }
 
     /// Read a tensor into host f32 values, checking it has exactly `shape`.
