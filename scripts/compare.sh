@@ -77,7 +77,7 @@ python3 - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
 e = json.load(open(f"{out}/engine.json"))
-m, p = e["model"], e.get("probes") or {}
+m, p = e["models"][0], e.get("probes") or {}
 l = json.load(open(f"{out}/llama.json"))
 h = json.load(open(f"{out}/hf.json"))
 print(f"adapter: {e['adapter']}")

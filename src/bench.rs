@@ -2,7 +2,8 @@
 //! vision encoder, prefill and decode throughput) on a checkpoint or on a synthetic model of
 //! PaliGemma-3B-224 shapes, with achieved FLOP/s and bytes/s counted analytically from the
 //! shapes, and two device probes (`shaders/probe.wgsl`: FMA throughput and storage-buffer
-//! read bandwidth) that every figure is compared against.
+//! read bandwidth) that every figure is compared against. Several weight formats and batch
+//! sizes can be measured in one run ([`BenchOptions::formats`], [`BenchOptions::batch_sizes`]).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::generate::{GenerateOptions, Generation};
+use crate::generate::{GenerateOptions, Generation, Timings};
 use crate::gpu::{Gpu, KernelKey, Recorder, Tensor};
 use crate::model::{LoadOptions, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
 use crate::processor::image::PixelValues;
@@ -36,8 +37,11 @@ pub struct BenchOptions {
     pub run_model: bool,
     /// Run the device probes.
     pub probes: bool,
-    /// How the weight matrices are stored.
-    pub weights: WeightFormat,
+    /// How the weight matrices are stored: one model report per format, in this order.
+    pub formats: Vec<WeightFormat>,
+    /// Requests decoded together for the batch figures ([`ModelReport::batches`]); 1 is the
+    /// single-request run every report has.
+    pub batch_sizes: Vec<usize>,
 }
 
 impl Default for BenchOptions {
@@ -51,7 +55,8 @@ impl Default for BenchOptions {
             seed: 0,
             run_model: true,
             probes: true,
-            weights: WeightFormat::F16,
+            formats: vec![WeightFormat::F16],
+            batch_sizes: vec![1],
         }
     }
 }
@@ -226,6 +231,22 @@ pub struct ModelReport {
     /// GPU buffers created by the first request (activations, KV cache, parameters,
     /// readback); freed after it.
     pub gpu_request_bytes: u64,
+    /// Throughput with several requests at once, one entry per batch size (batch 1 repeats
+    /// the figures above).
+    pub batches: Vec<BatchFigures>,
+}
+
+/// Throughput of `batch` identical requests run together ([`PaliGemma::generate_batch_ids`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct BatchFigures {
+    /// Requests in the batch.
+    pub batch: usize,
+    /// Prompt tokens of all requests per second of the batched prefill (vision excluded).
+    pub prefill_tok_s: f64,
+    /// Tokens generated per second, all requests together.
+    pub decode_tok_s: f64,
+    /// Tokens per second each request sees.
+    pub decode_tok_s_per_request: f64,
 }
 
 /// A whole benchmark: adapter, model figures and probes.
@@ -233,19 +254,25 @@ pub struct ModelReport {
 pub struct BenchReport {
     /// The adapter, as [`Gpu::describe`] says.
     pub adapter: String,
-    /// The model run, unless probes only.
-    pub model: Option<ModelReport>,
+    /// One report per weight format (none with probes only).
+    pub models: Vec<ModelReport>,
     /// The device probes, unless skipped.
     pub probes: Option<Probes>,
 }
 
 /// Run the benchmark described by `opts` on `gpu`.
 pub fn run(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<BenchReport> {
-    let model = if opts.run_model {
-        Some(run_model(gpu, opts)?)
-    } else {
-        None
-    };
+    let mut models = Vec::new();
+    if opts.run_model {
+        if opts.formats.is_empty() {
+            return Err(Error::Request(
+                "bench needs at least one weight format".into(),
+            ));
+        }
+        for &format in &opts.formats {
+            models.push(run_model(gpu, opts, format)?);
+        }
+    }
     let probes = if opts.probes {
         Some(run_probes(gpu)?)
     } else {
@@ -253,7 +280,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<BenchReport> {
     };
     Ok(BenchReport {
         adapter: gpu.describe(),
-        model,
+        models,
         probes,
     })
 }
@@ -276,18 +303,51 @@ fn random_pixels(size: usize, seed: u64) -> PixelValues {
     }
 }
 
+/// `batch` copies of one greedy request run together, `new` tokens each.
 fn generate(
     model: &PaliGemma,
     pixels: &PixelValues,
     ids: &[u32],
     new: usize,
+    batch: usize,
 ) -> Result<Generation> {
     let options = GenerateOptions {
         max_new_tokens: new,
         stop_at_eos: false,
         ..Default::default()
     };
-    model.generate_ids(pixels, ids, &options, &mut |_| true)
+    let requests = vec![(pixels, ids); batch];
+    let mut out = model.generate_batch_ids(&requests, &options, &mut |_, _| true)?;
+    Ok(out.swap_remove(0))
+}
+
+/// Best timings of `runs` warm runs of `batch` requests (after one untimed run when `warm_up`:
+/// the batched kernels' first run compiles them).
+fn best_timings(
+    model: &PaliGemma,
+    pixels: &PixelValues,
+    ids: &[u32],
+    opts: &BenchOptions,
+    batch: usize,
+    warm_up: bool,
+) -> Result<Timings> {
+    if warm_up {
+        generate(model, pixels, ids, 2, batch)?;
+    }
+    let mut t = generate(model, pixels, ids, opts.decode_steps + 1, batch)?.timings;
+    for _ in 1..opts.runs {
+        let next = generate(model, pixels, ids, opts.decode_steps + 1, batch)?.timings;
+        t.vision_s = t.vision_s.min(next.vision_s);
+        t.prefill_s = t.prefill_s.min(next.prefill_s);
+        t.decode_tok_s = t.decode_tok_s.max(next.decode_tok_s);
+    }
+    Ok(t)
+}
+
+/// Start measuring [`peak_rss_bytes`] afresh (Linux: writing 5 to `/proc/self/clear_refs`
+/// resets `VmHWM`); elsewhere nothing happens.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Peak resident set size of this process (`VmHWM` in `/proc/self/status`), if known.
@@ -298,19 +358,23 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
+fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Result<ModelReport> {
     if opts.decode_steps == 0 || opts.text_tokens == 0 || opts.runs == 0 {
         return Err(Error::Request(
             "bench needs at least one text token, one decode step and one run".into(),
         ));
     }
+    if opts.batch_sizes.contains(&0) {
+        return Err(Error::Request("batch sizes must be at least 1".into()));
+    }
+    reset_peak_rss();
     let created = gpu.bytes_created();
     let start = Instant::now();
     let (model, label) = match &opts.model {
         Some(dir) => {
             let load = LoadOptions {
                 progress: true,
-                weights: opts.weights,
+                weights: format,
                 ..Default::default()
             };
             (
@@ -324,7 +388,7 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
                 "synthetic PaliGemma-3B-224 shapes, random weights, {} layers per tower",
                 opts.layers
             );
-            let model = PaliGemma::synthetic_with(gpu.clone(), config, opts.seed, opts.weights)?;
+            let model = PaliGemma::synthetic_with(gpu.clone(), config, opts.seed, format)?;
             (model, label)
         }
     };
@@ -342,24 +406,32 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
     // are compiled too and the timed decode below is warm.
     let (pipelines0, create0) = gpu.pipeline_stats();
     let created = gpu.bytes_created();
-    let cold = generate(&model, &pixels, &ids, 2)?;
+    let cold = generate(&model, &pixels, &ids, 2, 1)?;
     let gpu_request_bytes = gpu.bytes_created() - created;
     let (pipelines1, create1) = gpu.pipeline_stats();
     let cold_ttft_s = cold.timings.vision_s + cold.timings.prefill_s;
 
     // Warm requests: the best of `runs` for each figure (other work on the machine only ever
     // slows a run down).
-    let mut t = generate(&model, &pixels, &ids, opts.decode_steps + 1)?.timings;
-    for _ in 1..opts.runs {
-        let next = generate(&model, &pixels, &ids, opts.decode_steps + 1)?.timings;
-        t.vision_s = t.vision_s.min(next.vision_s);
-        t.prefill_s = t.prefill_s.min(next.prefill_s);
-        t.decode_tok_s = t.decode_tok_s.max(next.decode_tok_s);
-    }
+    let t = best_timings(&model, &pixels, &ids, opts, 1, false)?;
     let ttft_s = t.vision_s + t.prefill_s;
     let peak_rss = peak_rss_bytes();
+    let mut batches = Vec::new();
+    for &b in &opts.batch_sizes {
+        let bt = if b == 1 {
+            t.clone()
+        } else {
+            best_timings(&model, &pixels, &ids, opts, b, true)?
+        };
+        batches.push(BatchFigures {
+            batch: b,
+            prefill_tok_s: (b * ids.len()) as f64 / bt.prefill_s,
+            decode_tok_s: b as f64 * bt.decode_tok_s,
+            decode_tok_s_per_request: bt.decode_tok_s,
+        });
+    }
 
-    let bpw = opts.weights.bytes_per_weight();
+    let bpw = format.bytes_per_weight();
     let vision = vision_work(&config, bpw);
     let prefill = prefill_work(&config.text, ids.len(), bpw);
     let steps = opts.decode_steps;
@@ -372,7 +444,7 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
     };
     Ok(ModelReport {
         model: label,
-        weights: opts.weights,
+        weights: format,
         vision_layers: config.vision.num_hidden_layers,
         text_layers: config.text.num_hidden_layers,
         vocab: config.text.vocab_size,
@@ -400,6 +472,7 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<ModelReport> {
         peak_rss_bytes: peak_rss,
         gpu_weight_bytes,
         gpu_request_bytes,
+        batches,
     })
 }
 
@@ -535,7 +608,7 @@ impl BenchReport {
         let _ = writeln!(s, "adapter: {}", self.adapter);
         let fma = self.probes.map(|p| p.fma_gflops);
         let bw = self.probes.map(|p| p.read_gbs);
-        if let Some(m) = &self.model {
+        for m in &self.models {
             let _ = writeln!(
                 s,
                 "model: {} ({} vision + {} text layers, vocabulary {}), {} weights",
@@ -616,6 +689,9 @@ impl BenchReport {
                 None,
             );
         }
+        if self.models.len() > 1 || self.models.iter().any(|m| m.batches.len() > 1) {
+            s.push_str(&self.summary_table());
+        }
         if let Some(p) = &self.probes {
             let _ = writeln!(
                 s,
@@ -627,6 +703,44 @@ impl BenchReport {
                 p.read_rows_gbs,
                 mib(p.read_buffer_bytes)
             );
+        }
+        s
+    }
+}
+
+impl BenchReport {
+    /// One line per weight format: memory, prefill and decode throughput at each batch size
+    /// (tokens/s of all requests together).
+    fn summary_table(&self) -> String {
+        let mut s = String::new();
+        let sizes: Vec<usize> = self
+            .models
+            .first()
+            .map(|m| m.batches.iter().map(|b| b.batch).collect())
+            .unwrap_or_default();
+        let _ = write!(
+            s,
+            "{:<8}{:>13}{:>15}{:>15}",
+            "weights", "GPU weights", "peak host RSS", "prefill tok/s"
+        );
+        for b in &sizes {
+            let _ = write!(s, "{:>16}", format!("decode b={b}"));
+        }
+        s.push('\n');
+        for m in &self.models {
+            let rss = m.peak_rss_bytes.map_or("-".into(), mib);
+            let _ = write!(
+                s,
+                "{:<8}{:>13}{:>15}{:>15.2}",
+                m.weights.name(),
+                mib(m.gpu_weight_bytes),
+                rss,
+                m.prefill_tok_s
+            );
+            for b in &m.batches {
+                let _ = write!(s, "{:>16}", format!("{:.2} tok/s", b.decode_tok_s));
+            }
+            s.push('\n');
         }
         s
     }

@@ -128,6 +128,14 @@ enum Command {
         /// Warm requests to run; each figure is the best of them.
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// Weight formats to measure one after the other, e.g. f16,int8,int4 (default: the
+        /// global --weights).
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        formats: Vec<WeightFormat>,
+        /// Batch sizes to measure decode throughput at, e.g. 1,4,8 (identical requests run
+        /// together).
+        #[arg(long, value_delimiter = ',', value_name = "LIST", default_value = "1")]
+        batch: Vec<usize>,
         /// Skip the model; run the device probes only.
         #[arg(long, conflicts_with = "no_probes")]
         probes_only: bool,
@@ -331,6 +339,8 @@ fn run(cli: Cli) -> Result<()> {
             text_tokens,
             decode_steps,
             runs,
+            formats,
+            batch,
             probes_only,
             no_probes,
             json,
@@ -343,7 +353,12 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 run_model: !probes_only,
                 probes: !no_probes,
-                weights: cli.weights,
+                formats: if formats.is_empty() {
+                    vec![cli.weights]
+                } else {
+                    formats
+                },
+                batch_sizes: batch,
                 ..Default::default()
             };
             let gpu = open_gpu(cli.max_binding)?;
