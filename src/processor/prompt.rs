@@ -82,26 +82,62 @@ impl PromptProcessor {
 }
 
 /// Turns a growing list of token ids into text deltas for streaming, holding back an
-/// incomplete UTF-8 sequence (byte-fallback tokens) until it is complete.
+/// incomplete UTF-8 sequence (byte-fallback tokens) until it is complete. Each token decodes
+/// only a short window (the ids since the previous delta's first token), so a long answer
+/// costs linear, not quadratic, time; the window starts one token early so that tokenizers
+/// which drop a leading space at the start of a decode give the same text as decoding all ids.
 #[derive(Default)]
 pub struct TextStream {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the decode window.
+    prefix: usize,
+    /// End of the text already emitted (ids `prefix..read` decode to what was emitted last).
+    read: usize,
 }
 
 impl TextStream {
     /// Add a token; returns the new text, if any.
     pub fn push(&mut self, processor: &PromptProcessor, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = processor.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
+        let before = processor.decode(&self.ids[self.prefix..self.read])?;
+        let text = processor.decode(&self.ids[self.prefix..])?;
+        if text.ends_with('\u{FFFD}') || text.len() <= before.len() || !text.starts_with(&before) {
             return Ok(None);
         }
-        let delta = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let delta = text[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(Some(delta))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn processor() -> PromptProcessor {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-mqa-f32");
+        let config = PaliGemmaConfig::from_file(&dir.join("config.json")).unwrap();
+        PromptProcessor::from_dir(&dir, &config).unwrap()
+    }
+
+    #[test]
+    fn streamed_pieces_add_up_to_the_whole_decode() {
+        let p = processor();
+        // Spaces, punctuation, byte-fallback characters (é, 猫, an emoji), a special token.
+        let text = "a cat, é and 猫 on the mat 🐈 in the sun";
+        let mut ids = p.tokenize(text).unwrap();
+        ids.push(1); // <eos>: no text
+        let mut stream = TextStream::default();
+        let mut pieces = Vec::new();
+        for &id in &ids {
+            if let Some(piece) = stream.push(&p, id).unwrap() {
+                assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+                pieces.push(piece);
+            }
+        }
+        assert!(pieces.len() > 5, "{pieces:?}");
+        assert_eq!(pieces.concat(), p.decode(&ids).unwrap());
+        assert_eq!(pieces.concat(), text);
     }
 }
