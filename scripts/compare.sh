@@ -12,12 +12,15 @@
 # scripts/.venv (gguf), scripts/.llama (node-llama-cpp), scripts/.bench (GGUF, JSON results).
 #
 # usage: scripts/compare.sh            (env: LAYERS=2, STEPS=16, HF_PYTHON=python with torch)
+#        LAYERS=27 TEXT_LAYERS=18 SKIP_LLAMA=1 scripts/compare.sh    (full PaliGemma-3B-224 vs HF)
 # On a machine without a GPU, Mesa's lavapipe serves both Vulkan engines;
 # GGML_VK_VISIBLE_DEVICES=0 makes llama.cpp use it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LAYERS=${LAYERS:-2}
+TEXT_LAYERS=${TEXT_LAYERS:-$LAYERS}
+SKIP_LLAMA=${SKIP_LLAMA:-}
 STEPS=${STEPS:-16}
 TEXT_TOKENS=9 # 256 image tokens + <bos> + 9 = 266
 PROMPT=$((256 + 1 + TEXT_TOKENS))
@@ -51,36 +54,46 @@ if [ -z "$HF_PYTHON" ]; then
     scripts/.venv/bin/pip install -q -r scripts/requirements.txt
     HF_PYTHON=scripts/.venv/bin/python
 fi
-if [ ! -f scripts/.llama/node_modules/node-llama-cpp/package.json ]; then
+if [ -z "$SKIP_LLAMA" ] && [ ! -f scripts/.llama/node_modules/node-llama-cpp/package.json ]; then
     mkdir -p scripts/.llama
     echo '{"private": true, "type": "module"}' >scripts/.llama/package.json
     (cd scripts/.llama && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true \
         npm install --no-audit --no-fund "node-llama-cpp@$NODE_LLAMA_CPP_VERSION")
 fi
 
-echo "== this engine (paligemma bench, synthetic, $LAYERS layers per tower)" >&2
+echo "== this engine (paligemma bench, synthetic, $LAYERS vision + $TEXT_LAYERS text layers)" >&2
 cargo build --release --locked --bin paligemma >&2
 MESA_SHADER_CACHE_DIR="$CACHE/engine" target/release/paligemma bench --layers "$LAYERS" \
-    --text-tokens "$TEXT_TOKENS" --decode-steps "$STEPS" --runs 2 --json >"$OUT/engine.json"
+    --text-layers "$TEXT_LAYERS" --text-tokens "$TEXT_TOKENS" --decode-steps "$STEPS" --runs 2 \
+    --json >"$OUT/engine.json"
 
-echo "== llama.cpp Vulkan (random Gemma-2B-shaped GGUF, $LAYERS layers)" >&2
-GGUF="$OUT/gemma2b-${LAYERS}l.gguf"
-[ -f "$GGUF" ] || scripts/.venv/bin/python scripts/make_gguf.py "$GGUF" --layers "$LAYERS"
-MESA_SHADER_CACHE_DIR="$CACHE/llama" node scripts/llama_bench.mjs "$GGUF" "$PROMPT" "$STEPS" \
-    >"$OUT/llama.json"
+rm -f "$OUT/llama.json"
+if [ -z "$SKIP_LLAMA" ]; then
+    echo "== llama.cpp Vulkan (random Gemma-2B-shaped GGUF, $TEXT_LAYERS layers)" >&2
+    GGUF="$OUT/gemma2b-${TEXT_LAYERS}l.gguf"
+    [ -f "$GGUF" ] || scripts/.venv/bin/python scripts/make_gguf.py "$GGUF" --layers "$TEXT_LAYERS"
+    MESA_SHADER_CACHE_DIR="$CACHE/llama" node scripts/llama_bench.mjs "$GGUF" "$PROMPT" "$STEPS" \
+        >"$OUT/llama.json"
+fi
 
 echo "== HF transformers on the CPU ($HF_PYTHON)" >&2
-"$HF_PYTHON" scripts/hf_bench.py --layers "$LAYERS" --text-tokens "$TEXT_TOKENS" \
-    --decode-steps "$STEPS" >"$OUT/hf.json"
+"$HF_PYTHON" scripts/hf_bench.py --layers "$LAYERS" --text-layers "$TEXT_LAYERS" \
+    --text-tokens "$TEXT_TOKENS" --decode-steps "$STEPS" >"$OUT/hf.json"
 
 python3 - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
 e = json.load(open(f"{out}/engine.json"))
 m, p = e["models"][0], e.get("probes") or {}
-l = json.load(open(f"{out}/llama.json"))
+try:
+    l = json.load(open(f"{out}/llama.json"))
+except FileNotFoundError:
+    l = {"engine": "not run", "devices": ["-"], "prefill_tok_s": None, "decode_tok_s": None, "cold_prefill_s": None}
 h = json.load(open(f"{out}/hf.json"))
 print(f"adapter: {e['adapter']}")
+print(f"model: {m['model']}, {m['vision_layers']} vision + {m['text_layers']} text layers; "
+      f"engine peak host RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB for {m['gpu_weight_bytes'] / 2**20:.0f} MiB "
+      f"of GPU weights; HF peak RSS {h.get('peak_rss_mib', 0):.0f} MiB")
 print(f"probes: FMA {p.get('fma_gflops', 0):.1f} GFLOP/s, storage read {p.get('read_gbs', 0):.2f} GB/s")
 print(f"llama.cpp: {l['engine']} on {', '.join(l['devices'])}; HF: {h['engine']}")
 rows = [

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Time HF transformers on CPU for a randomly initialised PaliGemma of PaliGemma-3B-224 shapes
-with `--layers` layers in each tower (the shapes of `paligemma bench`): vision tower, time to
+with `--layers` layers in each tower, or `--text-layers` in the decoder (the shapes of
+`paligemma bench`): vision tower, time to
 first token, prefill and greedy decode. Prints one JSON object. Used by scripts/compare.sh.
 
 Needs torch and transformers (scripts/requirements.txt).
@@ -8,6 +9,7 @@ Needs torch and transformers (scripts/requirements.txt).
 
 import argparse
 import json
+import resource
 import sys
 import time
 
@@ -31,6 +33,7 @@ class Clock:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--text-layers", type=int, default=None, help="decoder layers (default: --layers)")
     ap.add_argument("--text-tokens", type=int, default=9)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -44,7 +47,7 @@ def main() -> int:
             vision_use_head=False, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
         text_config=dict(
             model_type="gemma", vocab_size=vocab, hidden_size=2048, intermediate_size=16384,
-            num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=1,
+            num_hidden_layers=args.text_layers or args.layers, num_attention_heads=8, num_key_value_heads=1,
             head_dim=256, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6,
             max_position_embeddings=8192, tie_word_embeddings=True, pad_token_id=0,
             bos_token_id=2, eos_token_id=1),
@@ -101,6 +104,7 @@ def main() -> int:
         "prefill_tok_s": len(ids) / prefill_s,
         "decode_steps": args.decode_steps,
         "decode_tok_s": decode_tok_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
     return 0
 

@@ -23,8 +23,11 @@ use crate::{Error, Result};
 pub struct BenchOptions {
     /// A checkpoint directory; `None` builds a synthetic model (see [`synthetic_config`]).
     pub model: Option<PathBuf>,
-    /// Layers of each tower of the synthetic model.
+    /// Layers of the synthetic model's vision tower, and of its decoder unless `text_layers`.
     pub layers: usize,
+    /// Layers of the synthetic model's decoder (`None`: `layers`; PaliGemma-3B has 27 vision
+    /// and 18 text layers).
+    pub text_layers: Option<usize>,
     /// Text tokens after the image tokens and `<bos>` (9 gives 266 prompt tokens at 224 px).
     pub text_tokens: usize,
     /// Decode steps timed after the first token.
@@ -49,6 +52,7 @@ impl Default for BenchOptions {
         BenchOptions {
             model: None,
             layers: 2,
+            text_layers: None,
             text_tokens: 9,
             decode_steps: 16,
             runs: 1,
@@ -138,15 +142,15 @@ pub fn decode_work(c: &TextConfig, kv_len: usize, bytes_per_weight: f64) -> Work
 
 /// PaliGemma-3B-224 shapes (SigLIP So400m: 1152 wide, MLP 4304, 16 heads, 14 px patches at
 /// 224 px; Gemma 2B: 2048 wide, MLP 16384, 8 query heads, 1 KV head of 256, vocabulary
-/// 257216) with `layers` layers in each tower.
-pub fn synthetic_config(layers: usize) -> Result<PaliGemmaConfig> {
+/// 257216) with `vision_layers` and `text_layers` layers.
+pub fn synthetic_config(vision_layers: usize, text_layers: usize) -> Result<PaliGemmaConfig> {
     PaliGemmaConfig::from_json(&format!(
         r#"{{"model_type": "paligemma", "image_token_index": 257152, "projection_dim": 2048,
             "text_config": {{"model_type": "gemma", "hidden_size": 2048,
                 "intermediate_size": 16384, "num_attention_heads": 8, "num_key_value_heads": 1,
-                "num_hidden_layers": {layers}, "vocab_size": 257216}},
+                "num_hidden_layers": {text_layers}, "vocab_size": 257216}},
             "vision_config": {{"hidden_size": 1152, "intermediate_size": 4304,
-                "num_attention_heads": 16, "num_hidden_layers": {layers}, "patch_size": 14,
+                "num_attention_heads": 16, "num_hidden_layers": {vision_layers}, "patch_size": 14,
                 "image_size": 224}}}}"#
     ))
 }
@@ -383,11 +387,8 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Resul
             )
         }
         None => {
-            let config = synthetic_config(opts.layers)?;
-            let label = format!(
-                "synthetic PaliGemma-3B-224 shapes, random weights, {} layers per tower",
-                opts.layers
-            );
+            let config = synthetic_config(opts.layers, opts.text_layers.unwrap_or(opts.layers))?;
+            let label = "synthetic PaliGemma-3B-224 shapes, random weights".to_string();
             let model = PaliGemma::synthetic_with(gpu.clone(), config, opts.seed, format)?;
             (model, label)
         }
@@ -752,7 +753,7 @@ mod tests {
 
     #[test]
     fn synthetic_config_has_paligemma_3b_shapes() {
-        let c = synthetic_config(2).unwrap();
+        let c = synthetic_config(2, 2).unwrap();
         assert_eq!(c.num_image_tokens(), 256);
         assert_eq!(
             (c.vision.hidden_size, c.vision.intermediate_size),
@@ -776,7 +777,7 @@ mod tests {
 
     #[test]
     fn work_counts_match_hand_counts() {
-        let c = synthetic_config(1).unwrap();
+        let c = synthetic_config(1, 1).unwrap();
         // One Gemma-2B layer: q 2048², k and v 256·2048, o 2048², gate/up/down 3·2048·16384.
         let layer = 2.0 * 2048.0 * 2048.0 + 2.0 * 256.0 * 2048.0 + 3.0 * 2048.0 * 16384.0;
         let head = 257216.0 * 2048.0;

@@ -119,6 +119,10 @@ enum Command {
         /// Layers in each tower of the synthetic model.
         #[arg(long, default_value_t = 2)]
         layers: usize,
+        /// Decoder layers of the synthetic model, if not --layers (full PaliGemma-3B:
+        /// --layers 27 --text-layers 18).
+        #[arg(long)]
+        text_layers: Option<usize>,
         /// Prompt text tokens after the image tokens and <bos> (9: 266 tokens at 224 px).
         #[arg(long, default_value_t = 9)]
         text_tokens: usize,
@@ -336,6 +340,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             model,
             layers,
+            text_layers,
             text_tokens,
             decode_steps,
             runs,
@@ -348,6 +353,7 @@ fn run(cli: Cli) -> Result<()> {
             let options = paligemma::bench::BenchOptions {
                 model: model.map(|m| resolve_model_dir(&m)).transpose()?,
                 layers,
+                text_layers,
                 text_tokens,
                 decode_steps,
                 runs,
