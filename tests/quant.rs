@@ -325,9 +325,10 @@ fn agreement(rows: &[(String, Agreement)]) -> f64 {
 const INT8_FLOOR: f64 = 0.93;
 const INT8_LONG_PAIRS_FLOOR: usize = 4;
 const INT4_FLOOR: f64 = 0.45;
-/// Floors for the trained tiny model (`quantised_tiny_shapes_follows_f16`).
-const SHAPES_INT8_FLOOR: f64 = 0.95;
-const SHAPES_INT4_FLOOR: f64 = 0.85;
+/// Floors for the trained tiny model (`quantised_tiny_shapes_follows_f16`), under the
+/// measured 99.5 % (int8) and 92.6 % (int4): the targets, met on trained weights.
+const SHAPES_INT8_FLOOR: f64 = 0.98;
+const SHAPES_INT4_FLOOR: f64 = 0.90;
 
 #[test]
 fn int8_follows_f16() {
