@@ -95,10 +95,11 @@ fn best_scale(v: &[f32], lo: f32, hi: f32, steps: &[f32], round: impl Fn(f32) ->
         if s == 0.0 || !s.is_finite() {
             continue;
         }
+        let inv = 1.0 / s;
         let err: f32 = v
             .iter()
             .map(|&x| {
-                let e = x - s * (x / s).round().clamp(lo, hi);
+                let e = x - s * level(x, inv, lo, hi);
                 e * e
             })
             .sum();
@@ -109,6 +110,16 @@ fn best_scale(v: &[f32], lo: f32, hi: f32, steps: &[f32], round: impl Fn(f32) ->
     best.1
 }
 
+/// `round(x · inv)` clamped to `lo..=hi` (integers), ties to even. Clamping first keeps the
+/// value small enough for the add-and-subtract rounding trick, which compiles to plain SIMD
+/// arithmetic (unlike `f32::round`, a library call without SSE4.1): loading a quantised
+/// model runs this for every weight and scale candidate.
+#[inline]
+fn level(x: f32, inv: f32, lo: f32, hi: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    ((x * inv).clamp(lo, hi) + MAGIC) - MAGIC
+}
+
 /// Quantise one row `src` into its packed values `data` (`RowLayout::data_bytes` long, zero
 /// on entry) and its scales `scales` (`RowLayout::scale_bytes` long). `src` must be finite.
 pub(crate) fn quantize_row(dtype: DType, src: &[f32], data: &mut [u8], scales: &mut [u8]) {
@@ -116,8 +127,8 @@ pub(crate) fn quantize_row(dtype: DType, src: &[f32], data: &mut [u8], scales: &
         DType::Q8 => {
             let s = best_scale(src, -128.0, 127.0, &Q8_STEPS, |s| s);
             if s != 0.0 {
-                for (d, v) in data.iter_mut().zip(src) {
-                    *d = (v / s).round().clamp(-128.0, 127.0) as i8 as u8;
+                for (d, &v) in data.iter_mut().zip(src) {
+                    *d = level(v, 1.0 / s, -128.0, 127.0) as i8 as u8;
                 }
             }
             scales.copy_from_slice(&s.to_le_bytes());
@@ -130,7 +141,7 @@ pub(crate) fn quantize_row(dtype: DType, src: &[f32], data: &mut [u8], scales: &
                 let sf = s.to_f32();
                 if sf != 0.0 {
                     for (i, v) in block.iter().enumerate() {
-                        let q = (v / sf).round().clamp(-8.0, 7.0) as i8;
+                        let q = level(*v, 1.0 / sf, -8.0, 7.0) as i8;
                         let at = b * Q4_BLOCK + i;
                         data[at / 2] |= ((q as u8) & 0xF) << (4 * (at % 2));
                     }
