@@ -593,7 +593,7 @@ impl Checkpoint {
     /// [`RELEASE_BYTES`], drop the rows already converted (see [`Checkpoint::release`]).
     fn release_rows(&self, e: &Entry, r: usize, row_bytes: usize) {
         let every = (RELEASE_BYTES / row_bytes).max(1);
-        if r > 0 && r % every == 0 {
+        if r > 0 && r.is_multiple_of(every) {
             self.release(
                 e,
                 e.start + (r - every) * row_bytes,
