@@ -809,6 +809,50 @@ mod tests {
     }
 
     #[test]
+    fn summary_has_a_line_per_format_and_a_column_per_batch() {
+        let model = |weights, mib: u64, decode: [f64; 2]| ModelReport {
+            weights,
+            gpu_weight_bytes: mib << 20,
+            prefill_tok_s: 50.0,
+            batches: [1, 4]
+                .iter()
+                .zip(decode)
+                .map(|(&batch, decode_tok_s)| BatchFigures {
+                    batch,
+                    decode_tok_s,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let report = BenchReport {
+            adapter: "test".into(),
+            models: vec![
+                model(WeightFormat::F16, 1489, [6.88, 15.16]),
+                model(WeightFormat::Int4, 420, [8.11, 14.84]),
+            ],
+            probes: None,
+        };
+        let table = report.table();
+        let lines: Vec<&str> = table.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("weights")).unwrap();
+        assert!(lines[header].contains("decode b=1") && lines[header].contains("decode b=4"));
+        let f16: Vec<&str> = lines[header + 1].split_whitespace().collect();
+        assert_eq!(f16[..3], ["f16", "1489", "MiB"]);
+        assert!(lines[header + 1].ends_with("6.88 tok/s     15.16 tok/s"));
+        assert!(lines[header + 2].starts_with("int4") && lines[header + 2].contains("420 MiB"));
+        // One format at batch 1 only: no summary.
+        let single = BenchReport {
+            models: vec![model(WeightFormat::F16, 1, [1.0, 2.0])],
+            ..report
+        };
+        let mut one = single.clone();
+        one.models[0].batches.truncate(1);
+        assert!(!one.table().contains("decode b="));
+        assert!(single.table().contains("decode b=4"));
+    }
+
+    #[test]
     fn probes_measure_something() {
         let gpu = crate::ops::testutil::gpu_with_limit(None);
         let p = run_probes(&gpu).unwrap();
