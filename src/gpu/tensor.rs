@@ -79,6 +79,26 @@ const ACTIVATION_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
+/// A weight chunk holding `bytes`, written through a buffer mapped at creation; the upload
+/// is flushed at once so that only one chunk's staging memory exists at a time (see
+/// [`Gpu::flush_uploads`]).
+fn upload_chunk(gpu: &Gpu, name: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+    let buffer = gpu.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(name),
+        size: bytes.len() as u64,
+        usage: ACTIVATION_USAGE,
+        mapped_at_creation: true,
+    });
+    buffer
+        .slice(..)
+        .get_mapped_range_mut()
+        .map_err(|e| Error::Gpu(format!("mapping weight {name}: {e}")))?
+        .copy_from_slice(bytes);
+    buffer.unmap();
+    gpu.flush_uploads()?;
+    Ok(buffer)
+}
+
 fn rows_cols(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
     if shape.is_empty() || shape.contains(&0) {
         return Err(Error::tensor(name, format!("shape {shape:?} is empty")));
@@ -185,24 +205,12 @@ impl Tensor {
         let mut row_start = 0;
         while row_start < rows {
             let n = rows_per_chunk.min(rows - row_start);
-            let buffer = gpu.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(name),
-                size: n as u64 * row_bytes,
-                usage: ACTIVATION_USAGE,
-                mapped_at_creation: true,
-            });
             host.clear();
             host.resize(n * stride, f16::ZERO);
             for r in 0..n {
                 fill(row_start + r, &mut host[r * stride..r * stride + cols])?;
             }
-            buffer
-                .slice(..)
-                .get_mapped_range_mut()
-                .map_err(|e| Error::Gpu(format!("mapping weight {name}: {e}")))?
-                .copy_from_slice(bytemuck::cast_slice(&host));
-            buffer.unmap();
-            gpu.flush_uploads()?;
+            let buffer = upload_chunk(gpu, name, bytemuck::cast_slice(&host))?;
             chunks.push(Chunk {
                 buffer,
                 row_start,
@@ -272,15 +280,8 @@ impl Tensor {
         let mut row_start = 0;
         while row_start < rows {
             let n = rows_per_chunk.min(rows - row_start);
-            let size = layout.chunk_bytes(n);
-            let buffer = gpu.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(name),
-                size: size as u64,
-                usage: ACTIVATION_USAGE,
-                mapped_at_creation: true,
-            });
             host.clear();
-            host.resize(size, 0);
+            host.resize(layout.chunk_bytes(n), 0);
             let (data, scales) = host.split_at_mut(n * layout.data_bytes);
             for r in 0..n {
                 fill(row_start + r, &mut src)?;
@@ -297,13 +298,7 @@ impl Tensor {
                     &mut scales[r * layout.scale_bytes..(r + 1) * layout.scale_bytes],
                 );
             }
-            buffer
-                .slice(..)
-                .get_mapped_range_mut()
-                .map_err(|e| Error::Gpu(format!("mapping weight {name}: {e}")))?
-                .copy_from_slice(&host);
-            buffer.unmap();
-            gpu.flush_uploads()?;
+            let buffer = upload_chunk(gpu, name, &host)?;
             chunks.push(Chunk {
                 buffer,
                 row_start,
