@@ -268,6 +268,14 @@ pub struct BenchReport {
 pub fn run(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<BenchReport> {
     let mut models = Vec::new();
     if opts.run_model {
+        if opts.decode_steps == 0 || opts.text_tokens == 0 || opts.runs == 0 {
+            return Err(Error::Request(
+                "bench needs at least one text token, one decode step and one run".into(),
+            ));
+        }
+        if opts.batch_sizes.contains(&0) {
+            return Err(Error::Request("batch sizes must be at least 1".into()));
+        }
         if opts.formats.is_empty() {
             return Err(Error::Request(
                 "bench needs at least one weight format".into(),
@@ -363,14 +371,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Result<ModelReport> {
-    if opts.decode_steps == 0 || opts.text_tokens == 0 || opts.runs == 0 {
-        return Err(Error::Request(
-            "bench needs at least one text token, one decode step and one run".into(),
-        ));
-    }
-    if opts.batch_sizes.contains(&0) {
-        return Err(Error::Request("batch sizes must be at least 1".into()));
-    }
     reset_peak_rss();
     let created = gpu.bytes_created();
     let start = Instant::now();
