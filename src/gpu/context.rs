@@ -26,6 +26,7 @@ pub struct Gpu {
     limits: wgpu::Limits,
     adapter_features: wgpu::Features,
     weight_chunk_bytes: u64,
+    unified_memory: bool,
     pub(crate) pipelines: PipelineCache,
     bytes_created: AtomicU64,
 }
@@ -80,10 +81,24 @@ impl Gpu {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let adapter_features = adapter.features();
+        // On a CPU or integrated GPU, device memory is host memory: weight buffers that are
+        // mappable as well as storage take the checkpoint's bytes directly, without a staging
+        // copy (less peak memory, faster loads). On a discrete GPU they would live in slow
+        // host-visible memory, so there the usual staging upload is kept.
+        let unified_memory = matches!(
+            info.device_type,
+            wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu
+        ) && adapter_features
+            .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+        let required_features = if unified_memory {
+            wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("paligemma"),
-                required_features: wgpu::Features::empty(),
+                required_features,
                 required_limits: limits.clone(),
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
@@ -134,6 +149,7 @@ impl Gpu {
             limits,
             adapter_features,
             weight_chunk_bytes,
+            unified_memory,
             pipelines: PipelineCache::default(),
             bytes_created: AtomicU64::new(0),
         }))
@@ -167,6 +183,12 @@ impl Gpu {
     /// The largest chunk a weight is split into, in bytes.
     pub fn weight_chunk_bytes(&self) -> u64 {
         self.weight_chunk_bytes
+    }
+
+    /// Whether weights are written straight into mappable storage buffers (CPU and integrated
+    /// adapters, whose device memory is host memory) instead of through staging copies.
+    pub fn unified_memory(&self) -> bool {
+        self.unified_memory
     }
 
     /// Create a buffer, adding its size to [`Gpu::bytes_created`]. Every buffer of the crate

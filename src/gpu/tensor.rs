@@ -86,7 +86,11 @@ fn upload_chunk(gpu: &Gpu, name: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
     let buffer = gpu.create_buffer(&wgpu::BufferDescriptor {
         label: Some(name),
         size: bytes.len() as u64,
-        usage: ACTIVATION_USAGE,
+        usage: if gpu.unified_memory() {
+            ACTIVATION_USAGE | wgpu::BufferUsages::MAP_WRITE
+        } else {
+            ACTIVATION_USAGE
+        },
         mapped_at_creation: true,
     });
     buffer
