@@ -2,7 +2,9 @@
 //   out[out_row + i, :] = combine(out[out_row + i, :], table[ids[i], :] * scale),  i in 0 .. n
 //
 // table  one chunk of an f16 [vocab, dim] matrix holding rows row_start .. row_start + rows,
-//        each padded to `stride2` u32 words (2 halves per word, unpack2x16float).
+//        each padded to `stride2` u32 words (2 halves per word, unpack2x16float), row-major
+//        or lane-interleaved (`interleaved` = 1: 4-word units laid out as `wrow` in
+//        matmul.wgsl describes).
 // ids    u32 [n]. Only ids inside this chunk's row range are handled by this dispatch; ids
 //        >= vocab are handled by the dispatch with `last` = 1, which uses zeros instead of a
 //        table row (so nothing is read out of bounds; the host is expected to reject them).
@@ -20,7 +22,7 @@ struct Params {
     out_row: u32,
     last: u32,
     scale: f32,
-    _pad0: u32,
+    interleaved: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -59,13 +61,26 @@ fn embed(
     if (!inside && !(p.last == 1u && id >= p.vocab)) {
         return;
     }
-    let tb = (id - p.row_start) * p.stride2;
+    let r = id - p.row_start;
+    // Word j of the row is table[tb + j] (row-major), or word j % 4 of unit j / 4 at
+    // tb + (j / 4) * ts * 4 + j % 4 (interleaved).
+    var tb = r * p.stride2;
+    var ts = 0u;
+    if (p.interleaved == 1u) {
+        let start = r / 512u * 512u;
+        tb = (start * (p.stride2 / 4u) + r - start) * 4u;
+        ts = min(512u, (p.rows - start + 63u) / 64u * 64u);
+    }
     let ob = (p.out_row + i) * p.dim;
     let words = (p.dim + 1u) / 2u;
     for (var j = t; j < words; j += WG) {
         var v = vec2<f32>(0.0);
         if (inside) {
-            v = unpack2x16float(table[tb + j]) * p.scale;
+            var at = tb + j;
+            if (p.interleaved == 1u) {
+                at = tb + (j / 4u) * ts * 4u + j % 4u;
+            }
+            v = unpack2x16float(table[at]) * p.scale;
         }
         put(ob + 2u * j, v.x);
         if (2u * j + 1u < p.dim) {

@@ -2,7 +2,8 @@
 //
 // x    f32 activations, row-major with row stride `x_stride` floats, starting at row x_row.
 // w    one chunk of an f16 weight matrix [rows, k] (PyTorch Linear layout [out, in]), rows
-//      padded to a multiple of 8 halves and read as vec4<u32> (8 halves per load).
+//      padded to a multiple of 8 halves and read as vec4<u32> units (8 halves per load),
+//      row-major or lane-interleaved (`interleaved` = 1; see `wrow`).
 // out  f32, row-major with stride `out_stride`; this chunk writes columns
 //      out_col .. out_col + n of rows out_row .. out_row + m.
 // Epilogue (bits of `epilogue`, a runtime value so that one pipeline per entry point serves
@@ -40,7 +41,7 @@ struct Params {
     bias_off: u32,
     x_row: u32,
     epilogue: u32,
-    _pad: u32,
+    interleaved: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -50,6 +51,26 @@ struct Params {
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+// Unit j of weight row `row` of this chunk is w[wrow(row) + j * wstep(row)]. Row-major: the
+// row's units follow each other. Lane-interleaved (`lane_unit` in src/gpu/tensor.rs): rows in
+// groups of 512, a group stored as w_stride4 slices that each hold one unit of every row of
+// the group, in row order; a short last group's slices are its row count rounded up to 64.
+fn wrow(row: u32) -> u32 {
+    if (p.interleaved == 0u) {
+        return row * p.w_stride4;
+    }
+    let start = row / 512u * 512u;
+    return start * p.w_stride4 + (row - start);
+}
+
+fn wstep(row: u32) -> u32 {
+    if (p.interleaved == 0u) {
+        return 1u;
+    }
+    let start = row / 512u * 512u;
+    return min(512u, (p.n - start + 63u) / 64u * 64u);
+}
 
 fn gelu_tanh(v: f32) -> f32 {
     let u = 0.7978845608028654 * (v + 0.044715 * v * v * v);
@@ -116,7 +137,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             let kv = k0 / 8u + c4;
             var q = vec4<u32>(0u);
             if (n0 + r < p.n && kv < p.w_stride4) {
-                q = w[(n0 + r) * p.w_stride4 + kv];
+                q = w[wrow(n0 + r) + kv * wstep(n0 + r)];
             }
             let h = unpack8(q);
             for (var j = 0u; j < 8u; j++) {
@@ -181,7 +202,7 @@ fn matvec(
         }
         for (var r = 0u; r < RV; r++) {
             if (n0 + r < p.n) {
-                let h = unpack8(w[(n0 + r) * p.w_stride4 + j]);
+                let h = unpack8(w[wrow(n0 + r) + j * wstep(n0 + r)]);
                 var s = 0.0;
                 for (var e = 0u; e < 8u; e++) {
                     s = fma(xv[e], h[e], s);
@@ -244,10 +265,12 @@ fn matmul_lanes(
     let nb = wid.x * 256u + t;
     let m0 = wid.y * 4u;
     // Out-of-range columns and rows read a valid one and are not stored.
-    let w0 = min(nb, p.n - 1u) * p.w_stride4;
-    let w1 = min(nb + 64u, p.n - 1u) * p.w_stride4;
-    let w2 = min(nb + 128u, p.n - 1u) * p.w_stride4;
-    let w3 = min(nb + 192u, p.n - 1u) * p.w_stride4;
+    // The four rows lie in one group (a workgroup covers half of one).
+    let w0 = wrow(min(nb, p.n - 1u));
+    let w1 = wrow(min(nb + 64u, p.n - 1u));
+    let w2 = wrow(min(nb + 128u, p.n - 1u));
+    let w3 = wrow(min(nb + 192u, p.n - 1u));
+    let ws = wstep(wid.x * 256u);
     let x0 = (min(m0, p.m - 1u) + p.x_row) * p.x_stride / 4u;
     let x1 = (min(m0 + 1u, p.m - 1u) + p.x_row) * p.x_stride / 4u;
     let x2 = (min(m0 + 2u, p.m - 1u) + p.x_row) * p.x_stride / 4u;
@@ -259,11 +282,13 @@ fn matmul_lanes(
     // Steps of 8 values of k in two halves of 4 (one x vec4 each); when k % 8 == 4 the
     // second half of the last step is skipped.
     let steps = (p.k + 7u) / 8u;
+    var o = 0u;
     for (var j = 0u; j < steps; j++) {
-        let q0 = w[w0 + j];
-        let q1 = w[w1 + j];
-        let q2 = w[w2 + j];
-        let q3 = w[w3 + j];
+        let q0 = w[w0 + o];
+        let q1 = w[w1 + o];
+        let q2 = w[w2 + o];
+        let q3 = w[w3 + o];
+        o += ws;
         var lo = pair(q0.x, q1.x, q2.x, q3.x);
         var hi = pair(q0.y, q1.y, q2.y, q3.y);
         var v0 = x4[x0 + 2u * j];
@@ -301,28 +326,33 @@ fn matvec_lanes(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
 ) {
-    let nb = (wid.x + wid.y * nwg.x) * 512u + t;
-    let w0 = min(nb, p.n - 1u) * p.w_stride4;
-    let w1 = min(nb + 64u, p.n - 1u) * p.w_stride4;
-    let w2 = min(nb + 128u, p.n - 1u) * p.w_stride4;
-    let w3 = min(nb + 192u, p.n - 1u) * p.w_stride4;
-    let w4 = min(nb + 256u, p.n - 1u) * p.w_stride4;
-    let w5 = min(nb + 320u, p.n - 1u) * p.w_stride4;
-    let w6 = min(nb + 384u, p.n - 1u) * p.w_stride4;
-    let w7 = min(nb + 448u, p.n - 1u) * p.w_stride4;
+    let g = (wid.x + wid.y * nwg.x) * 512u;
+    let nb = g + t;
+    // The eight rows are one group's; interleaved, the group is one contiguous run.
+    let w0 = wrow(min(nb, p.n - 1u));
+    let w1 = wrow(min(nb + 64u, p.n - 1u));
+    let w2 = wrow(min(nb + 128u, p.n - 1u));
+    let w3 = wrow(min(nb + 192u, p.n - 1u));
+    let w4 = wrow(min(nb + 256u, p.n - 1u));
+    let w5 = wrow(min(nb + 320u, p.n - 1u));
+    let w6 = wrow(min(nb + 384u, p.n - 1u));
+    let w7 = wrow(min(nb + 448u, p.n - 1u));
+    let ws = wstep(g);
     let xo = p.x_row * p.x_stride / 4u;
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
     let steps = (p.k + 7u) / 8u;
+    var o = 0u;
     for (var j = 0u; j < steps; j++) {
-        let q0 = w[w0 + j];
-        let q1 = w[w1 + j];
-        let q2 = w[w2 + j];
-        let q3 = w[w3 + j];
-        let q4 = w[w4 + j];
-        let q5 = w[w5 + j];
-        let q6 = w[w6 + j];
-        let q7 = w[w7 + j];
+        let q0 = w[w0 + o];
+        let q1 = w[w1 + o];
+        let q2 = w[w2 + o];
+        let q3 = w[w3 + o];
+        let q4 = w[w4 + o];
+        let q5 = w[w5 + o];
+        let q6 = w[w6 + o];
+        let q7 = w[w7 + o];
+        o += ws;
         let v = x4[xo + 2u * j];
         a = step2(a, v.x, v.y, pair(q0.x, q1.x, q2.x, q3.x));
         a = step2(a, v.z, v.w, pair(q0.y, q1.y, q2.y, q3.y));

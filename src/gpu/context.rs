@@ -185,6 +185,12 @@ impl Gpu {
         self.weight_chunk_bytes
     }
 
+    /// Whether f16 weights are stored lane-interleaved ([`super::tensor::lane_unit`]), the
+    /// layout the CPU adapters' kernels stream fastest: on CPU adapters only.
+    pub fn interleave_weights(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Whether weights are written straight into mappable storage buffers (CPU and integrated
     /// adapters, whose device memory is host memory) instead of through staging copies.
     pub fn unified_memory(&self) -> bool {

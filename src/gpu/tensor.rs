@@ -16,6 +16,31 @@ use crate::{Error, Result};
 /// read them with `vec4<u32>` loads.
 pub const WEIGHT_ROW_ALIGN: usize = 8;
 
+/// Rows per group of the lane-interleaved f16 layout (see [`lane_unit`]).
+pub const LANE_GROUP_ROWS: usize = 512;
+
+/// Row granularity of the lane-interleaved layout: a chunk's last group is padded to a
+/// multiple of this many rows.
+pub const LANE_BLOCK_ROWS: usize = 64;
+
+/// Index, in 16-byte units (8 halves), of unit `j` of row `row` of a lane-interleaved f16
+/// chunk of `rows` rows and `units` units per row.
+///
+/// Rows are taken in groups of [`LANE_GROUP_ROWS`]; group `g` is stored as `units` slices of
+/// `width` units, slice `j` holding unit `j` of each of the group's rows in row order, where
+/// `width` is [`LANE_GROUP_ROWS`] except for a short last group, whose width is its row count
+/// rounded up to [`LANE_BLOCK_ROWS`]. On CPU adapters a workgroup runs its lanes as SIMD
+/// lanes of one core, lane `t` owning rows `t, t + 64, …` of a group: in this layout the rows
+/// a SIMD step reads are neighbours, so each core streams through one contiguous run instead
+/// of one run per row (which defeats the hardware prefetchers: ~25 % slower matrix-vector
+/// products on lavapipe). `shaders/matmul.wgsl` and `shaders/embed.wgsl` mirror this.
+pub fn lane_unit(rows: usize, units: usize, row: usize, j: usize) -> usize {
+    let g = row / LANE_GROUP_ROWS;
+    let start = g * LANE_GROUP_ROWS;
+    let width = LANE_GROUP_ROWS.min((rows - start).div_ceil(LANE_BLOCK_ROWS) * LANE_BLOCK_ROWS);
+    start * units + j * width + (row - start)
+}
+
 /// Element type of a tensor's storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
@@ -72,6 +97,7 @@ pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
     row_stride: usize,
+    interleaved: bool,
     chunks: Vec<Chunk>,
 }
 
@@ -136,6 +162,7 @@ impl Tensor {
             shape: shape.to_vec(),
             dtype: DType::F32,
             row_stride: cols,
+            interleaved: false,
             chunks: vec![Chunk {
                 buffer,
                 row_start: 0,
@@ -183,17 +210,39 @@ impl Tensor {
 
     /// An f16 weight matrix of `shape` (rows = all but the last dimension), filled row by row
     /// by `fill(row, dst)` where `dst` has `cols` values. Rows are padded with zeros to
-    /// [`WEIGHT_ROW_ALIGN`] and split into chunks of at most [`Gpu::weight_chunk_bytes`].
+    /// [`WEIGHT_ROW_ALIGN`] and split into chunks of at most [`Gpu::weight_chunk_bytes`],
+    /// stored lane-interleaved ([`lane_unit`]) where [`Gpu::interleave_weights`] says so.
     pub fn weight_f16(
         gpu: &Gpu,
         name: &str,
         shape: &[usize],
+        fill: impl FnMut(usize, &mut [f16]) -> Result<()>,
+    ) -> Result<Self> {
+        Self::weight_f16_with(gpu, name, shape, gpu.interleave_weights(), fill)
+    }
+
+    /// [`Tensor::weight_f16`] with the layout chosen by the caller: lane-interleaved if
+    /// `interleave` and a chunk holds at least [`LANE_BLOCK_ROWS`] rows, else row-major.
+    pub(crate) fn weight_f16_with(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        interleave: bool,
         mut fill: impl FnMut(usize, &mut [f16]) -> Result<()>,
     ) -> Result<Self> {
         let (rows, cols) = rows_cols(name, shape)?;
         let stride = cols.div_ceil(WEIGHT_ROW_ALIGN) * WEIGHT_ROW_ALIGN;
+        let units = stride / WEIGHT_ROW_ALIGN;
         let row_bytes = (stride * 2) as u64;
-        let rows_per_chunk = (gpu.weight_chunk_bytes() / row_bytes) as usize;
+        let fit = (gpu.weight_chunk_bytes() / row_bytes) as usize;
+        // Interleaved chunks hold whole groups (or, under a small binding limit, whole
+        // blocks), so that their padded last group still fits the limit.
+        let interleaved = interleave && fit >= LANE_BLOCK_ROWS;
+        let rows_per_chunk = match fit {
+            _ if !interleaved => fit,
+            f if f >= LANE_GROUP_ROWS => f / LANE_GROUP_ROWS * LANE_GROUP_ROWS,
+            f => f / LANE_BLOCK_ROWS * LANE_BLOCK_ROWS,
+        };
         if rows_per_chunk == 0 {
             return Err(Error::tensor(
                 name,
@@ -206,13 +255,28 @@ impl Tensor {
         let mut chunks = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
         // One chunk at a time is converted on the host, so peak host memory is one chunk.
         let mut host: Vec<f16> = Vec::new();
+        let mut row = vec![f16::ZERO; if interleaved { stride } else { 0 }];
         let mut row_start = 0;
         while row_start < rows {
             let n = rows_per_chunk.min(rows - row_start);
             host.clear();
-            host.resize(n * stride, f16::ZERO);
-            for r in 0..n {
-                fill(row_start + r, &mut host[r * stride..r * stride + cols])?;
+            if interleaved {
+                host.resize(
+                    n.div_ceil(LANE_BLOCK_ROWS) * LANE_BLOCK_ROWS * stride,
+                    f16::ZERO,
+                );
+                for r in 0..n {
+                    fill(row_start + r, &mut row[..cols])?;
+                    for (j, unit) in row.chunks_exact(WEIGHT_ROW_ALIGN).enumerate() {
+                        let at = lane_unit(n, units, r, j) * WEIGHT_ROW_ALIGN;
+                        host[at..at + WEIGHT_ROW_ALIGN].copy_from_slice(unit);
+                    }
+                }
+            } else {
+                host.resize(n * stride, f16::ZERO);
+                for r in 0..n {
+                    fill(row_start + r, &mut host[r * stride..r * stride + cols])?;
+                }
             }
             let buffer = upload_chunk(gpu, name, bytemuck::cast_slice(&host))?;
             chunks.push(Chunk {
@@ -227,12 +291,25 @@ impl Tensor {
             shape: shape.to_vec(),
             dtype: DType::F16,
             row_stride: stride,
+            interleaved,
             chunks,
         })
     }
 
     /// An f16 weight matrix from f32 values in row-major order (tests and synthetic models).
     pub fn weight_from_f32(gpu: &Gpu, name: &str, shape: &[usize], data: &[f32]) -> Result<Self> {
+        Self::weight_from_f32_with(gpu, name, shape, gpu.interleave_weights(), data)
+    }
+
+    /// [`Tensor::weight_from_f32`] with the layout chosen by the caller (see
+    /// [`Tensor::weight_f16_with`]).
+    pub(crate) fn weight_from_f32_with(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        interleave: bool,
+        data: &[f32],
+    ) -> Result<Self> {
         let (rows, cols) = rows_cols(name, shape)?;
         if data.len() != rows * cols {
             return Err(Error::tensor(
@@ -244,7 +321,7 @@ impl Tensor {
                 ),
             ));
         }
-        Self::weight_f16(gpu, name, shape, |r, dst| {
+        Self::weight_f16_with(gpu, name, shape, interleave, |r, dst| {
             for (d, s) in dst.iter_mut().zip(&data[r * cols..(r + 1) * cols]) {
                 *d = f16::from_f32(*s);
             }
@@ -315,6 +392,7 @@ impl Tensor {
             shape: shape.to_vec(),
             dtype,
             row_stride: layout.values,
+            interleaved: false,
             chunks,
         })
     }
@@ -357,6 +435,12 @@ impl Tensor {
         self.row_stride
     }
 
+    /// Whether this f16 weight is stored lane-interleaved ([`lane_unit`]) rather than
+    /// row-major.
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
     /// Bytes between the starts of consecutive rows in storage (for quantised weights, of
     /// their packed values; the scales follow all of a chunk's rows).
     pub fn row_bytes(&self) -> usize {
@@ -396,6 +480,9 @@ impl Tensor {
         if let Some(layout) = RowLayout::new(self.dtype, cols) {
             return self.read_quantized_rows(gpu, start, count, layout);
         }
+        if self.interleaved {
+            return self.read_interleaved_rows(gpu, start, count);
+        }
         let row_bytes = self.row_bytes() as u64;
         let mut out = Vec::with_capacity(count * cols);
         for chunk in &self.chunks {
@@ -427,6 +514,31 @@ impl Tensor {
         }
         Ok(out)
     }
+    /// [`Tensor::read_rows`] of a lane-interleaved f16 weight: the chunks holding the rows,
+    /// read whole and gathered.
+    fn read_interleaved_rows(&self, gpu: &Gpu, start: usize, count: usize) -> Result<Vec<f32>> {
+        let cols = self.cols();
+        let units = self.row_stride / WEIGHT_ROW_ALIGN;
+        let mut out = Vec::with_capacity(count * cols);
+        for chunk in &self.chunks {
+            let lo = start.max(chunk.row_start);
+            let hi = (start + count).min(chunk.row_start + chunk.rows);
+            if lo >= hi {
+                continue;
+            }
+            let raw = gpu.read_bytes(&chunk.buffer, 0, chunk.buffer.size())?;
+            let v: &[f16] = bytemuck::cast_slice(&raw);
+            for r in lo - chunk.row_start..hi - chunk.row_start {
+                let row = (0..units).flat_map(|j| {
+                    let at = lane_unit(chunk.rows, units, r, j) * WEIGHT_ROW_ALIGN;
+                    v[at..at + WEIGHT_ROW_ALIGN].iter().map(|x| x.to_f32())
+                });
+                out.extend(row.take(cols));
+            }
+        }
+        Ok(out)
+    }
+
     /// [`Tensor::read_rows`] of a quantised weight: each chunk's packed rows and their scales,
     /// dequantised.
     fn read_quantized_rows(

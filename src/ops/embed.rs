@@ -18,7 +18,8 @@ struct Params {
     out_row: u32,
     last: u32,
     scale: f32,
-    pad: [u32; 3],
+    interleaved: u32,
+    pad: [u32; 2],
 }
 
 /// Record `out[out_row + i, :] = combine(out[out_row + i, :], table[ids[i], :] · scale)` for
@@ -64,7 +65,8 @@ pub fn embed(
             out_row: u32_arg(K, "out row", out_row)?,
             last: (c == last) as u32,
             scale,
-            pad: [0; 3],
+            interleaved: table.interleaved() as u32,
+            pad: [0; 2],
         };
         rec.dispatch(
             &key,
@@ -145,20 +147,27 @@ mod tests {
         let out_row = 2;
         let orows = out_row + ids.len() + 1;
         let init = rand_vec(orows * dim, 1.0, 62);
-        let tt = Tensor::weight_from_f32(&gpu, "table", &[vocab, dim], &table).unwrap();
         let it = Tensor::from_u32(&gpu, "ids", &[ids.len()], ids).unwrap();
-        let ot = Tensor::from_f32(&gpu, "out", &[orows, dim], &init).unwrap();
-        if limit.is_some() {
-            assert!(tt.chunks().len() >= 3, "{} chunks", tt.chunks().len());
-        }
         let scale = 1.7;
-        let mut rec = Recorder::new(&gpu);
-        embed(&mut rec, &tt, &it, &ot, out_row, scale, combine).unwrap();
-        rec.run().unwrap();
         let mut want = init.clone();
         embed_ref(&table, dim, ids, &mut want, out_row, scale, combine);
-        let what = format!("embed vocab={vocab} dim={dim} {combine:?}");
-        assert_close(&ot.read(&gpu).unwrap(), &want, 1e-6, &what);
+        for interleave in [false, true] {
+            let tt = Tensor::weight_from_f32_with(&gpu, "table", &[vocab, dim], interleave, &table)
+                .unwrap();
+            if limit.is_some() {
+                assert!(tt.chunks().len() >= 3, "{} chunks", tt.chunks().len());
+            }
+            assert_eq!(tt.read(&gpu).unwrap(), table, "table read back");
+            let ot = Tensor::from_f32(&gpu, "out", &[orows, dim], &init).unwrap();
+            let mut rec = Recorder::new(&gpu);
+            embed(&mut rec, &tt, &it, &ot, out_row, scale, combine).unwrap();
+            rec.run().unwrap();
+            let what = format!(
+                "embed vocab={vocab} dim={dim} {combine:?} interleaved={}",
+                tt.interleaved()
+            );
+            assert_close(&ot.read(&gpu).unwrap(), &want, 1e-6, &what);
+        }
     }
 
     #[test]
@@ -179,6 +188,12 @@ mod tests {
         let ids: Vec<u32> = (0..105).rev().map(|i| i as u32).collect();
         run_case(Some(2048), 105, 72, &ids, Combine::Store);
         run_case(Some(2048), 105, 72, &ids, Combine::Add);
+        // Chunks of whole interleaved groups (8 KiB: 512 rows of 16 bytes) and of whole
+        // blocks (4 KiB: 256 rows), each table ending in a short group.
+        let ids: Vec<u32> = (0..1300).rev().step_by(7).map(|i| i as u32).collect();
+        run_case(Some(8192), 1300, 8, &ids, Combine::Store);
+        let ids: Vec<u32> = (0..600).step_by(5).map(|i| i as u32).collect();
+        run_case(Some(4096), 600, 8, &ids, Combine::Add);
     }
 
     #[test]

@@ -34,7 +34,7 @@ struct Params {
     bias_off: u32,
     x_row: u32,
     epilogue: u32,
-    pad: u32,
+    interleaved: u32,
 }
 
 /// Rows at or below which the matrix-vector kernel is used instead of the tiled one.
@@ -117,7 +117,7 @@ pub(crate) fn linear_with(
             bias_off: u32_arg(K, "bias offset", chunk.row_start)?,
             x_row: u32_arg(K, "x row", opts.x_row)?,
             epilogue,
-            pad: 0,
+            interleaved: w.interleaved() as u32,
         };
         let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
         let buffers = [x.buffer(), &chunk.buffer, bias_buf, out.buffer()];
@@ -254,11 +254,7 @@ mod tests {
         let b = rand_vec(n, 0.3, 3);
         let init = rand_vec(out_rows * n, 1.0, 4);
         let xt = Tensor::from_f32(&gpu, "x", &[x_rows, k], &x).unwrap();
-        let wt = Tensor::weight_from_f32(&gpu, "w", &[n, k], &w).unwrap();
         let bt = Tensor::from_f32(&gpu, "b", &[n], &b).unwrap();
-        if let Some(l) = limit {
-            assert!(wt.chunks().len() > 1 || (n * k.div_ceil(8) * 16) as u64 <= l);
-        }
         let mut want = init.clone();
         linear_ref(
             &x[x_row * k..(x_row + m) * k],
@@ -271,7 +267,17 @@ mod tests {
             combine,
             &mut want[out_row * n..(out_row + m) * n],
         );
-        for kernels in families(k) {
+        for (kernels, interleave) in families(k)
+            .into_iter()
+            .flat_map(|f| [(f, false), (f, true)])
+        {
+            let wt = Tensor::weight_from_f32_with(&gpu, "w", &[n, k], interleave, &w).unwrap();
+            let row_bytes = k.div_ceil(8) as u64 * 16;
+            let blocks_fit = limit.is_none_or(|l| l / row_bytes >= 64);
+            assert_eq!(wt.interleaved(), interleave && blocks_fit);
+            if let Some(l) = limit {
+                assert!(wt.chunks().len() > 1 || (n * k.div_ceil(8) * 16) as u64 <= l);
+            }
             let ot = Tensor::from_f32(&gpu, "out", &[out_rows, n], &init).unwrap();
             let mut rec = Recorder::new(&gpu);
             let opts = LinearOpts {
@@ -285,7 +291,10 @@ mod tests {
             linear_with(&mut rec, &xt, &wt, b, &ot, opts, kernels).unwrap();
             rec.run().unwrap();
             let got = ot.read(&gpu).unwrap();
-            let what = format!("linear {kernels:?} m={m} n={n} k={k} {act:?} {combine:?}");
+            let what = format!(
+                "linear {kernels:?} interleaved={} m={m} n={n} k={k} {act:?} {combine:?}",
+                wt.interleaved()
+            );
             assert_close(&got, &want, 1e-4, &what);
         }
     }
@@ -365,6 +374,12 @@ mod tests {
         // 2 KiB bindings: a [300, 100] f16 matrix (208 bytes a row) spans 31 chunks.
         run_case(Some(2048), 1, 300, 100, true, Act::None, Combine::Store);
         run_case(Some(2048), 50, 300, 100, true, Act::GeluTanh, Combine::Add);
+        // Interleaved chunks: of whole groups (32 KiB: 1024 rows of 32 bytes fit, chunks of
+        // 512 rows) and of whole blocks (8 KiB: 256 rows), each ending in a short group.
+        run_case(Some(32768), 1, 1300, 16, true, Act::None, Combine::Store);
+        run_case(Some(32768), 5, 1300, 16, false, Act::None, Combine::Add);
+        run_case(Some(8192), 1, 600, 12, true, Act::GeluTanh, Combine::Store);
+        run_case(Some(8192), 6, 600, 12, true, Act::None, Combine::Store);
     }
 
     #[test]
