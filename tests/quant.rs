@@ -318,7 +318,10 @@ fn agreement(rows: &[(String, Agreement)]) -> f64 {
 // already moves log-probabilities by up to ~1 nat there, and int4 with 32-value blocks (~7 %)
 // by ~30. Measured with the error-minimising scales of src/gpu/quantize.rs: int8 95.0 %
 // (5/10 pairs identical for ≥ 16 steps), int4 49 % (plain absmax scales gave 93.5 % and
-// 38 %). These asserts are regression floors under those figures; that the quantised kernels
+// 38 %). scripts/quant_sensitivity.py measures the amplification directly: 1 % Gaussian noise
+// on every weight matrix moves these fixtures' logits by 11-16 % of their spread (up to 9
+// nats), the trained tiny-shapes model's by 0.9-1.6 % (at most 0.3 nats). These asserts are
+// regression floors under those figures; that the quantised kernels
 // compute exactly the quantised model is asserted by
 // `quantised_engine_matches_host_quantised_checkpoint` (100 % agreement), and the agreement
 // on trained weights by `quantised_tiny_shapes_follows_f16`.
@@ -326,9 +329,14 @@ const INT8_FLOOR: f64 = 0.93;
 const INT8_LONG_PAIRS_FLOOR: usize = 4;
 const INT4_FLOOR: f64 = 0.45;
 /// Floors for the trained tiny model (`quantised_tiny_shapes_follows_f16`), under the
-/// measured 99.5 % (int8) and 92.5 % (int4): the issue's targets, met on trained weights.
+/// measured top-1 agreement of 99.5 % (int8) and 92.5 % (int4), the issue's targets met on
+/// trained weights, and the measured share of answers whose greedy output is identical to
+/// f16's, 118/121 (int8) and 88/121 (int4). Its answers are 2-12 tokens, so "identical for
+/// ≥ 16 steps" becomes "identical for the whole answer" there.
 const SHAPES_INT8_FLOOR: f64 = 0.98;
 const SHAPES_INT4_FLOOR: f64 = 0.90;
+const SHAPES_INT8_SAME_FLOOR: f64 = 0.95;
+const SHAPES_INT4_SAME_FLOOR: f64 = 0.70;
 
 #[test]
 fn int8_follows_f16() {
@@ -492,8 +500,10 @@ fn lora_is_merged_before_quantising() {
 /// Top-1 agreement of `format` with the f16 engine on the trained tiny model
 /// (`assets/tiny-shapes`: weights shaped by training, unlike the deliberately sensitive random
 /// fixtures above), teacher-forced on the f16 engine's greedy answers to every held-out
-/// prompt of `tests/fixtures/shapes`. Returns (agreeing steps, steps).
-fn shapes_agreement(gpu: &Arc<Gpu>, format: WeightFormat) -> (usize, usize) {
+/// prompt of `tests/fixtures/shapes`. Returns the agreeing steps, the steps, the answers whose
+/// every step agrees (so that the quantised model's own greedy answer is identical) and the
+/// answers.
+fn shapes_agreement(gpu: &Arc<Gpu>, format: WeightFormat) -> [usize; 4] {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("assets/tiny-shapes");
     let data = root.join("tests/fixtures/shapes");
@@ -505,7 +515,7 @@ fn shapes_agreement(gpu: &Arc<Gpu>, format: WeightFormat) -> (usize, usize) {
         max_new_tokens: meta["max_new_tokens"].as_u64().unwrap() as usize,
         ..Default::default()
     };
-    let (mut agree, mut total) = (0, 0);
+    let [mut agree, mut total, mut same, mut answers] = [0; 4];
     for scene in meta["scenes"].as_array().unwrap() {
         let px = f16
             .images
@@ -519,15 +529,18 @@ fn shapes_agreement(gpu: &Arc<Gpu>, format: WeightFormat) -> (usize, usize) {
                 .unwrap();
             let base = f16.generate_ids(&px, &ids, &opts, &mut |_| true).unwrap();
             let logits = forced.logits(&px, &ids, &base.token_ids);
-            agree += logits
+            let hits = logits
                 .iter()
                 .zip(&base.token_ids)
                 .filter(|(l, &id)| argmax(l) == id)
                 .count();
+            agree += hits;
             total += base.token_ids.len();
+            same += (hits == base.token_ids.len()) as usize;
+            answers += 1;
         }
     }
-    (agree, total)
+    [agree, total, same, answers]
 }
 
 /// On trained weights the quantised models follow f16 closely (floors under the measured
@@ -535,16 +548,30 @@ fn shapes_agreement(gpu: &Arc<Gpu>, format: WeightFormat) -> (usize, usize) {
 #[test]
 fn quantised_tiny_shapes_follows_f16() {
     let gpu = gpu(None);
-    for (format, floor) in [
-        (WeightFormat::Int8, SHAPES_INT8_FLOOR),
-        (WeightFormat::Int4, SHAPES_INT4_FLOOR),
+    for (format, floor, same_floor) in [
+        (
+            WeightFormat::Int8,
+            SHAPES_INT8_FLOOR,
+            SHAPES_INT8_SAME_FLOOR,
+        ),
+        (
+            WeightFormat::Int4,
+            SHAPES_INT4_FLOOR,
+            SHAPES_INT4_SAME_FLOOR,
+        ),
     ] {
-        let (agree, total) = shapes_agreement(&gpu, format);
+        let [agree, total, same, answers] = shapes_agreement(&gpu, format);
         let rate = agree as f64 / total as f64;
         eprintln!(
-            "{format} tiny-shapes: top-1 agreement {agree}/{total} = {:.1} %",
+            "{format} tiny-shapes: top-1 agreement {agree}/{total} = {:.1} %, greedy answer \
+             identical to f16 on {same}/{answers}",
             100.0 * rate
         );
         assert!(rate >= floor, "{format}: tiny-shapes agreement {rate:.3}");
+        let same_rate = same as f64 / answers as f64;
+        assert!(
+            same_rate >= same_floor,
+            "{format}: tiny-shapes identical answers {same}/{answers}"
+        );
     }
 }
