@@ -458,6 +458,20 @@ impl Tensor {
         &self.chunks[0].buffer
     }
 
+    /// The chunks holding rows `start..start + count`, each with the chunk-local range of
+    /// those rows it holds.
+    fn chunk_spans(
+        &self,
+        start: usize,
+        count: usize,
+    ) -> impl Iterator<Item = (&Chunk, std::ops::Range<usize>)> {
+        self.chunks.iter().filter_map(move |chunk| {
+            let lo = start.max(chunk.row_start);
+            let hi = (start + count).min(chunk.row_start + chunk.rows);
+            (lo < hi).then(|| (chunk, lo - chunk.row_start..hi - chunk.row_start))
+        })
+    }
+
     /// Read the tensor back as f32 values in row-major order (padding removed).
     pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         self.read_rows(gpu, 0, self.rows())
@@ -485,15 +499,10 @@ impl Tensor {
         }
         let row_bytes = self.row_bytes() as u64;
         let mut out = Vec::with_capacity(count * cols);
-        for chunk in &self.chunks {
-            let lo = start.max(chunk.row_start);
-            let hi = (start + count).min(chunk.row_start + chunk.rows);
-            if lo >= hi {
-                continue;
-            }
-            let offset = (lo - chunk.row_start) as u64 * row_bytes;
-            let raw = gpu.read_bytes(&chunk.buffer, offset, (hi - lo) as u64 * row_bytes)?;
-            for r in 0..hi - lo {
+        for (chunk, rows) in self.chunk_spans(start, count) {
+            let offset = rows.start as u64 * row_bytes;
+            let raw = gpu.read_bytes(&chunk.buffer, offset, rows.len() as u64 * row_bytes)?;
+            for r in 0..rows.len() {
                 let row = r * self.row_stride;
                 match self.dtype {
                     DType::F32 => {
@@ -514,21 +523,17 @@ impl Tensor {
         }
         Ok(out)
     }
+
     /// [`Tensor::read_rows`] of a lane-interleaved f16 weight: the chunks holding the rows,
     /// read whole and gathered.
     fn read_interleaved_rows(&self, gpu: &Gpu, start: usize, count: usize) -> Result<Vec<f32>> {
         let cols = self.cols();
         let units = self.row_stride / WEIGHT_ROW_ALIGN;
         let mut out = Vec::with_capacity(count * cols);
-        for chunk in &self.chunks {
-            let lo = start.max(chunk.row_start);
-            let hi = (start + count).min(chunk.row_start + chunk.rows);
-            if lo >= hi {
-                continue;
-            }
+        for (chunk, rows) in self.chunk_spans(start, count) {
             let raw = gpu.read_bytes(&chunk.buffer, 0, chunk.buffer.size())?;
             let v: &[f16] = bytemuck::cast_slice(&raw);
-            for r in lo - chunk.row_start..hi - chunk.row_start {
+            for r in rows {
                 let row = (0..units).flat_map(|j| {
                     let at = lane_unit(chunk.rows, units, r, j) * WEIGHT_ROW_ALIGN;
                     v[at..at + WEIGHT_ROW_ALIGN].iter().map(|x| x.to_f32())
@@ -550,13 +555,9 @@ impl Tensor {
     ) -> Result<Vec<f32>> {
         let cols = self.cols();
         let mut out = vec![0.0f32; count * cols];
-        for chunk in &self.chunks {
-            let lo = start.max(chunk.row_start);
-            let hi = (start + count).min(chunk.row_start + chunk.rows);
-            if lo >= hi {
-                continue;
-            }
-            let (a, b) = (lo - chunk.row_start, hi - chunk.row_start);
+        for (chunk, rows) in self.chunk_spans(start, count) {
+            let (a, b) = (rows.start, rows.end);
+            let lo = chunk.row_start + a;
             let data = gpu.read_bytes(
                 &chunk.buffer,
                 (a * layout.data_bytes) as u64,
