@@ -15,12 +15,13 @@ use serde_json::Value;
 const CAPTION_TARGET: f64 = 0.80;
 const COUNT_TARGET: f64 = 0.90;
 const IOU_TARGET: f64 = 0.50;
-/// What the shipped model achieves (HF and this engine agree exactly), minus a small margin:
-/// the model trained in the CPU budget does not reach all the targets above, so the test
-/// guards the measured level (a regression below it fails) rather than the targets.
-const FLOOR_CAPTION: f64 = 0.14;
-const FLOOR_COUNT: f64 = 0.92;
-const FLOOR_IOU: f64 = 0.40;
+/// What the shipped model achieves (caption 22 %, count 90 %, IoU 0.666; HF and this engine
+/// agree exactly), minus a small margin: the model trained in the CPU budget does not reach
+/// the caption target, so the test guards the measured level (a regression below it fails);
+/// count and IoU are asserted at the targets.
+const FLOOR_CAPTION: f64 = 0.18;
+const FLOOR_COUNT: f64 = COUNT_TARGET;
+const FLOOR_IOU: f64 = 0.60;
 /// Engine and HF may only disagree where HF's top-2 log-probabilities are an exact tie
 /// (f32 rounding decides); a gap above this is a real mismatch.
 const TIE_MARGIN: f64 = 1e-3;
