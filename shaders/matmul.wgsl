@@ -24,7 +24,9 @@
 // columns) and walks k itself, reading 8 halves of each row per vec4<u32> load, while x is
 // read as vec4<f32> at addresses uniform across the lanes (they need k % 4 == 0, so that x
 // rows are vec4-aligned: x_stride == k). Accumulators are vec4s of 4 columns, unrolled by hand
-// (arrays indexed in loops end up in memory there).
+// (arrays indexed in loops end up in memory there). On CPU adapters the weights are stored
+// lane-interleaved (`wrow`), so that the rows the lanes of one SIMD step read are neighbours
+// in memory: one stream per core for the prefetchers instead of one per row.
 // `matmul_lanes`: 4 rows x 4 columns per lane (columns nb, nb + 64, nb + 128, nb + 192),
 // 4 rows x 256 columns per workgroup. `matvec_lanes`: one row, 8 columns per lane, 512
 // columns per workgroup (linear index wid.x + wid.y * nwg.x).
