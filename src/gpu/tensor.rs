@@ -222,7 +222,7 @@ impl Tensor {
     }
 
     /// [`Tensor::weight_f16`] with the layout chosen by the caller: lane-interleaved if
-    /// `interleave` and a chunk holds at least [`LANE_BLOCK_ROWS`] rows, else row-major.
+    /// `interleave` and one binding holds at least [`LANE_BLOCK_ROWS`] rows, else row-major.
     pub(crate) fn weight_f16_with(
         gpu: &Gpu,
         name: &str,
