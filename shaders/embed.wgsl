@@ -62,10 +62,10 @@ fn embed(
         return;
     }
     let r = id - p.row_start;
-    // Word j of the row is table[tb + j] (row-major), or word j % 4 of unit j / 4 at
-    // tb + (j / 4) * ts * 4 + j % 4 (interleaved).
+    // Word j of the row is word j % 4 of its unit j / 4, at tb + (j / 4) * ts * 4 + j % 4:
+    // units follow each other row-major (ts = 1), or lie ts units apart interleaved.
     var tb = r * p.stride2;
-    var ts = 0u;
+    var ts = 1u;
     if (p.interleaved == 1u) {
         let start = r / 512u * 512u;
         tb = (start * (p.stride2 / 4u) + r - start) * 4u;
@@ -76,11 +76,7 @@ fn embed(
     for (var j = t; j < words; j += WG) {
         var v = vec2<f32>(0.0);
         if (inside) {
-            var at = tb + j;
-            if (p.interleaved == 1u) {
-                at = tb + (j / 4u) * ts * 4u + j % 4u;
-            }
-            v = unpack2x16float(table[at]) * p.scale;
+            v = unpack2x16float(table[tb + (j / 4u) * ts * 4u + j % 4u]) * p.scale;
         }
         put(ob + 2u * j, v.x);
         if (2u * j + 1u < p.dim) {

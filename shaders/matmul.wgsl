@@ -118,6 +118,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     let t = lid.y * 8u + lid.x;
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
+    let unit_step = wstep(n0); // the tile's rows lie in one group
     var acc: array<array<f32, 4>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         // x tile: 32 rows x 32 k, 16 values per thread.
@@ -139,7 +140,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             let kv = k0 / 8u + c4;
             var q = vec4<u32>(0u);
             if (n0 + r < p.n && kv < p.w_stride4) {
-                q = w[wrow(n0 + r) + kv * wstep(n0 + r)];
+                q = w[wrow(n0 + r) + kv * unit_step];
             }
             let h = unpack8(q);
             for (var j = 0u; j < 8u; j++) {
@@ -188,6 +189,7 @@ fn matvec(
     let xb = (row + p.x_row) * p.x_stride;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     let nvec = (p.k + 7u) / 8u;
+    let unit_step = wstep(n0); // the RV rows lie in one group
     for (var j = t; j < nvec; j += WG) {
         var xv: array<f32, 8>;
         if (j * 8u + 8u <= p.k) {
@@ -204,7 +206,7 @@ fn matvec(
         }
         for (var r = 0u; r < RV; r++) {
             if (n0 + r < p.n) {
-                let h = unpack8(w[wrow(n0 + r) + j * wstep(n0 + r)]);
+                let h = unpack8(w[wrow(n0 + r) + j * unit_step]);
                 var s = 0.0;
                 for (var e = 0u; e < 8u; e++) {
                     s = fma(xv[e], h[e], s);

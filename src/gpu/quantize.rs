@@ -127,22 +127,24 @@ pub(crate) fn quantize_row(dtype: DType, src: &[f32], data: &mut [u8], scales: &
         DType::Q8 => {
             let s = best_scale(src, -128.0, 127.0, &Q8_STEPS, |s| s);
             if s != 0.0 {
+                let inv = 1.0 / s;
                 for (d, &v) in data.iter_mut().zip(src) {
-                    *d = level(v, 1.0 / s, -128.0, 127.0) as i8 as u8;
+                    *d = level(v, inv, -128.0, 127.0) as i8 as u8;
                 }
             }
             scales.copy_from_slice(&s.to_le_bytes());
         }
         DType::Q4 => {
+            // Quantise against the scale as stored (f16), so q · s is what the GPU uses.
+            let max = f16::MAX.to_f32();
+            let round = |s: f32| f16::from_f32(s.clamp(-max, max)).to_f32();
             for (b, block) in src.chunks(Q4_BLOCK).enumerate() {
-                // Quantise against the scale as stored (f16), so q · s is what the GPU uses.
-                let max = f16::MAX.to_f32();
-                let round = |s: f32| f16::from_f32(s.clamp(-max, max)).to_f32();
                 let s = f16::from_f32(best_scale(block, -8.0, 7.0, &Q4_STEPS, round));
                 let sf = s.to_f32();
                 if sf != 0.0 {
+                    let inv = 1.0 / sf;
                     for (i, v) in block.iter().enumerate() {
-                        let q = level(*v, 1.0 / sf, -8.0, 7.0) as i8;
+                        let q = level(*v, inv, -8.0, 7.0) as i8;
                         let at = b * Q4_BLOCK + i;
                         data[at / 2] |= ((q as u8) & 0xF) << (4 * (at % 2));
                     }
