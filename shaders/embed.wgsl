@@ -3,8 +3,7 @@
 //
 // table  one chunk of an f16 [vocab, dim] matrix holding rows row_start .. row_start + rows,
 //        each padded to `stride2` u32 words (2 halves per word, unpack2x16float), row-major
-//        or lane-interleaved (`interleaved` = 1: 4-word units laid out as `wrow` in
-//        matmul.wgsl describes).
+//        or lane-interleaved (`interleaved` = 1: 4-word units, include/lanes.wgsl).
 // ids    u32 [n]. Only ids inside this chunk's row range are handled by this dispatch; ids
 //        >= vocab are handled by the dispatch with `last` = 1, which uses zeros instead of a
 //        table row (so nothing is read out of bounds; the host is expected to reject them).
@@ -64,13 +63,8 @@ fn embed(
     let r = id - p.row_start;
     // Word j of the row is word j % 4 of its unit j / 4, at tb + (j / 4) * ts * 4 + j % 4:
     // units follow each other row-major (ts = 1), or lie ts units apart interleaved.
-    var tb = r * p.stride2;
-    var ts = 1u;
-    if (p.interleaved == 1u) {
-        let start = r / 512u * 512u;
-        tb = (start * (p.stride2 / 4u) + r - start) * 4u;
-        ts = min(512u, (p.rows - start + 63u) / 64u * 64u);
-    }
+    let tb = lane_row_base(r, p.stride2 / 4u, p.interleaved == 1u) * 4u;
+    let ts = lane_unit_step(r, p.rows, p.interleaved == 1u);
     let ob = (p.out_row + i) * p.dim;
     let words = (p.dim + 1u) / 2u;
     for (var j = t; j < words; j += WG) {

@@ -54,24 +54,14 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-// Unit j of weight row `row` of this chunk is w[wrow(row) + j * wstep(row)]. Row-major: the
-// row's units follow each other. Lane-interleaved (`lane_unit` in src/gpu/tensor.rs): rows in
-// groups of 512, a group stored as w_stride4 slices that each hold one unit of every row of
-// the group, in row order; a short last group's slices are its row count rounded up to 64.
+// Unit j of weight row `row` of this chunk is w[wrow(row) + j * wstep(row)], row-major or
+// lane-interleaved (include/lanes.wgsl).
 fn wrow(row: u32) -> u32 {
-    if (p.interleaved == 0u) {
-        return row * p.w_stride4;
-    }
-    let start = row / 512u * 512u;
-    return start * p.w_stride4 + (row - start);
+    return lane_row_base(row, p.w_stride4, p.interleaved == 1u);
 }
 
 fn wstep(row: u32) -> u32 {
-    if (p.interleaved == 0u) {
-        return 1u;
-    }
-    let start = row / 512u * 512u;
-    return min(512u, (p.n - start + 63u) / 64u * 64u);
+    return lane_unit_step(row, p.n, p.interleaved == 1u);
 }
 
 fn gelu_tanh(v: f32) -> f32 {
@@ -330,7 +320,7 @@ fn matvec_lanes(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
 ) {
-    let g = (wid.x + wid.y * nwg.x) * 512u;
+    let g = (wid.x + wid.y * nwg.x) * LANE_GROUP_ROWS; // 8 columns x 64 lanes
     let nb = g + t;
     // The eight rows are one group's; interleaved, the group is one contiguous run.
     let w0 = wrow(min(nb, p.n - 1u));

@@ -1,8 +1,19 @@
 //! The WGSL sources, compiled into the binary from `shaders/*.wgsl`.
 
+/// `shaders/<name>.wgsl` after `shaders/include/lanes.wgsl` (the lane-interleaved weight
+/// layout's index functions, shared by the kernels that read f16 weight chunks).
+macro_rules! with_lanes {
+    ($name:literal) => {
+        concat!(
+            include_str!("../../shaders/include/lanes.wgsl"),
+            include_str!(concat!("../../shaders/", $name, ".wgsl"))
+        )
+    };
+}
+
 /// Every shader by name. The name is the file stem under `shaders/`.
 pub const ALL: &[(&str, &str)] = &[
-    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("matmul", with_lanes!("matmul")),
     ("sample", include_str!("../../shaders/sample.wgsl")),
     ("softcap", include_str!("../../shaders/softcap.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
@@ -10,7 +21,7 @@ pub const ALL: &[(&str, &str)] = &[
         "elementwise",
         include_str!("../../shaders/elementwise.wgsl"),
     ),
-    ("embed", include_str!("../../shaders/embed.wgsl")),
+    ("embed", with_lanes!("embed")),
     ("patch", include_str!("../../shaders/patch.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
@@ -39,6 +50,20 @@ mod tests {
             )
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
+        }
+    }
+
+    /// The lane-interleaved layout's WGSL constants are the ones `lane_unit` writes with.
+    #[test]
+    fn lane_layout_constants_match() {
+        use crate::gpu::tensor::{LANE_BLOCK_ROWS, LANE_GROUP_ROWS};
+        let src = include_str!("../../shaders/include/lanes.wgsl");
+        for (name, v) in [
+            ("LANE_GROUP_ROWS", LANE_GROUP_ROWS),
+            ("LANE_BLOCK_ROWS", LANE_BLOCK_ROWS),
+        ] {
+            let decl = format!("const {name}: u32 = {v}u;");
+            assert!(src.contains(&decl), "lanes.wgsl lacks `{decl}`");
         }
     }
 

@@ -33,7 +33,7 @@ pub const LANE_BLOCK_ROWS: usize = 64;
 /// lanes of one core, lane `t` owning rows `t, t + 64, …` of a group: in this layout the rows
 /// a SIMD step reads are neighbours, so each core streams through one contiguous run instead
 /// of one run per row (which defeats the hardware prefetchers: ~25 % slower matrix-vector
-/// products on lavapipe). `shaders/matmul.wgsl` and `shaders/embed.wgsl` mirror this.
+/// products on lavapipe). The kernels read it through `shaders/include/lanes.wgsl`.
 pub fn lane_unit(rows: usize, units: usize, row: usize, j: usize) -> usize {
     let g = row / LANE_GROUP_ROWS;
     let start = g * LANE_GROUP_ROWS;
