@@ -83,20 +83,49 @@ def sample_objects(rng: random.Random) -> list[dict]:
             return objs
 
 
+def draw_shape(d: ImageDraw.ImageDraw, o: dict, fill) -> None:
+    """Draw object `o` (shape + box) filled with `fill` (an RGB colour, or a label for mode "L")."""
+    y0, x0, y1, x1 = o["box"]
+    # ImageDraw's right/bottom coordinates are inclusive
+    if o["shape"] == "circle":
+        d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif o["shape"] == "square":
+        d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:  # upward isosceles triangle filling the box
+        d.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+
+
 def draw_scene(objs: list[dict], bg) -> Image.Image:
     im = Image.new("RGB", (SIZE, SIZE), bg)
     d = ImageDraw.Draw(im)
     for o in objs:
-        y0, x0, y1, x1 = o["box"]
-        col = COLOURS[o["colour"]]
-        # ImageDraw's right/bottom coordinates are inclusive
-        if o["shape"] == "circle":
-            d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=col)
-        elif o["shape"] == "square":
-            d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=col)
-        else:  # upward isosceles triangle filling the box
-            d.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=col)
+        draw_shape(d, o, COLOURS[o["colour"]])
     return im
+
+
+def patch_labels(gt: dict, patch: int = 14, min_cover: float = 0.15) -> dict[str, list[int]]:
+    """Dense per-patch labels of a scene (row-major over the (SIZE / patch)^2 patches), for
+    pretraining a vision tower: `shape` (0 = background, 1 + index in SHAPES), `colour`
+    (0 = background, 1 + index in COLOURS) and `rank` (0 = background, 1 + the object's index
+    left to right). A patch belongs to the object covering most of it, and to the background
+    when objects cover less than `min_cover` of it."""
+    import numpy as np
+
+    g = SIZE // patch
+    out = {}
+    for key in ("shape", "colour", "rank"):
+        im = Image.new("L", (SIZE, SIZE), 0)
+        d = ImageDraw.Draw(im)
+        for k, o in enumerate(gt["objects"]):
+            v = {"shape": SHAPES.index(o["shape"]), "colour": tuple(COLOURS).index(o["colour"]), "rank": k}[key]
+            draw_shape(d, o, v + 1)
+        # [patches, pixels of the patch] -> per patch the pixel count of each label
+        a = np.asarray(im).reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+        counts = np.stack([(a == v).sum(1) for v in range(1 + max(len(SHAPES), len(COLOURS), 3))], 1)
+        labels = 1 + counts[:, 1:].argmax(1)
+        labels[counts[:, 1:].sum(1) < min_cover * patch * patch] = 0
+        out[key] = labels.tolist()
+    return out
 
 
 def caption(objs) -> str:
