@@ -11,17 +11,11 @@ use paligemma::model::PaliGemma;
 use paligemma::tasks::parse_answer;
 use serde_json::Value;
 
-/// Targets of issue #7 (printed; see FLOOR_* for what is asserted).
+/// Acceptance targets of issue #7, asserted on the engine's answers. The shipped model reaches
+/// caption 82 %, count 98 %, IoU 0.607 (HF and this engine agree exactly).
 const CAPTION_TARGET: f64 = 0.80;
 const COUNT_TARGET: f64 = 0.90;
 const IOU_TARGET: f64 = 0.50;
-/// What the shipped model achieves (caption 22 %, count 90 %, IoU 0.666; HF and this engine
-/// agree exactly), minus a small margin: the model trained in the CPU budget does not reach
-/// the caption target, so the test guards the measured level (a regression below it fails);
-/// count and IoU are asserted at the targets.
-const FLOOR_CAPTION: f64 = 0.18;
-const FLOOR_COUNT: f64 = COUNT_TARGET;
-const FLOOR_IOU: f64 = 0.60;
 /// Engine and HF may only disagree where HF's top-2 log-probabilities are an exact tie
 /// (f32 rounding decides); a gap above this is a real mismatch.
 const TIE_MARGIN: f64 = 1e-3;
@@ -195,17 +189,6 @@ fn tiny_shapes_heldout() {
         ("count accuracy", count, COUNT_TARGET),
         ("detect mean IoU", miou, IOU_TARGET),
     ] {
-        if got < target {
-            eprintln!("  note: {name} {got:.3} is below the issue #7 target {target}");
-        }
+        assert!(got >= target, "{name} {got:.3} < issue #7 target {target}");
     }
-    assert!(
-        caption >= FLOOR_CAPTION,
-        "caption exact match {caption} < {FLOOR_CAPTION}"
-    );
-    assert!(
-        count >= FLOOR_COUNT,
-        "count accuracy {count} < {FLOOR_COUNT}"
-    );
-    assert!(miou >= FLOOR_IOU, "detection mean IoU {miou} < {FLOOR_IOU}");
 }
