@@ -43,6 +43,7 @@ COLOURS = {
 BACKGROUNDS = ((245, 245, 240), (240, 240, 245), (250, 248, 235), (236, 240, 236), (248, 242, 242))
 MIN_SIDE, MAX_SIDE = 30, 90
 GAP = 6  # minimum gap between boxes (px)
+MAX_OBJECTS = 3  # shapes per scene: 1 .. MAX_OBJECTS
 MIN_DX = 16  # minimum distance between box centres along x (keeps "left to right" unambiguous)
 
 
@@ -65,7 +66,7 @@ def scene_seed(base_seed: int, i: int) -> int:
 
 def sample_objects(rng: random.Random) -> list[dict]:
     while True:
-        n = rng.choice((1, 2, 3))
+        n = rng.choice(tuple(range(1, MAX_OBJECTS + 1)))
         objs: list[dict] = []
         tries = 0
         while len(objs) < n and tries < 200:
@@ -121,7 +122,7 @@ def patch_labels(gt: dict, patch: int = 14, min_cover: float = 0.15) -> dict[str
             draw_shape(d, o, v + 1)
         # [patches, pixels of the patch] -> per patch the pixel count of each label
         a = np.asarray(im).reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
-        counts = np.stack([(a == v).sum(1) for v in range(1 + max(len(SHAPES), len(COLOURS), 3))], 1)
+        counts = np.stack([(a == v).sum(1) for v in range(1 + max(len(SHAPES), len(COLOURS), MAX_OBJECTS))], 1)
         labels = 1 + counts[:, 1:].argmax(1)
         labels[counts[:, 1:].sum(1) < min_cover * patch * patch] = 0
         out[key] = labels.tolist()

@@ -31,8 +31,8 @@ real fine-tunes):
 Tiny model (default, `--base` not given): trained from random init on the CPU. The shipped
 assets/tiny-shapes is one 56-minute run of the defaults: 12 minutes of stage 1, then batch 8,
 peak LR 1.5e-3 (the vision tower's x0.3), one torch thread (this toy model gains little from a
-second one; the machine's other core trained another configuration meanwhile). The LR schedule follows the wall clock, so a busy machine means fewer
-steps, not a truncated schedule:
+second one; the machine's other core trained another configuration meanwhile). The LR schedule
+follows the wall clock, so a busy machine means fewer steps, not a truncated schedule:
 
     nice -n 10 python scripts/train_tiny.py
 
@@ -108,7 +108,6 @@ RUN_HISTORY = (
     ("stage 1 (12 min), vision LR x1.0", "66 %", "98 %", "0.588", "89 %", "83 %"),
     ("stage 1 (12 min), vision LR x0.2", "10 %", "100 %", "0.731", "18 %", "98 %"),
     ("stage 1 (12 min), vision LR x0.5", "68 %", "96 %", "0.666", "91 %", "81 %"),
-    ("stage 1 (12 min), vision LR x0.3: this model", "82 %", "98 %", "0.607", "92 %", "94 %"),
 )
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -225,16 +224,17 @@ def init_loc_embeddings(model, info, seed: int = 0) -> None:
 
 VISION_SEED = 3  # vision pretraining scenes: make_scenes.scene_seed(3, i)
 VISION_PROBE_SEED = 4  # its held-out probe scenes
-PATCH_TASKS = (("shape", 1 + len(make_scenes.SHAPES)), ("colour", 1 + len(make_scenes.COLOURS)), ("rank", 4))
+PATCH_TASKS = (("shape", 1 + len(make_scenes.SHAPES)), ("colour", 1 + len(make_scenes.COLOURS)),
+               ("rank", 1 + make_scenes.MAX_OBJECTS))
 
 
-def pixel_batch(gts_and_images):
+def pixel_batch(scenes):
     """PaliGemma pixel values of 224x224 scenes: x / 127.5 - 1 (what the processor computes at this size)."""
     import numpy as np
     import torch
 
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-                                      for im, _ in gts_and_images]))
+                                      for im, _ in scenes]))
 
 
 def vision_batch(base_seed: int, start: int, n: int):
@@ -293,9 +293,10 @@ def pretrain_vision(model, minutes: float, batch: int, lr: float, seed: int) -> 
     probe = {f"{k}_patch_acc": round(float((out[k].argmax(-1)[fg] == y[k][fg]).float().mean()), 4)
              for k, _ in PATCH_TASKS}
     pred = out["shape"].argmax(-1)
-    votes = [int(torch.bincount(pred[b][y["rank"][b] == r], minlength=4)[1:].argmax()) + 1
+    n_shape = dict(PATCH_TASKS)["shape"]
+    votes = [int(torch.bincount(pred[b][y["rank"][b] == r], minlength=n_shape)[1:].argmax()) + 1
              == int(y["shape"][b][y["rank"][b] == r][0])
-             for b in range(len(pred)) for r in range(1, 4) if bool((y["rank"][b] == r).any())]
+             for b in range(len(pred)) for r in range(1, 1 + make_scenes.MAX_OBJECTS) if bool((y["rank"][b] == r).any())]
     probe["object_shape_acc"] = round(sum(votes) / len(votes), 4)
     print(json.dumps({"vision_probe": probe}), flush=True)
     return {"wall_seconds": round(time.time() - t0, 1), "steps": step, "batch": batch, "lr": lr, "log": log,
