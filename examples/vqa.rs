@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Parser;
-use paligemma::generate::GenerateOptions;
-use paligemma::model::{resolve_model_dir, Event, LoadOptions, PaliGemma};
+use paligemma::generate::{Event, GenerateOptions};
+use paligemma::model::{resolve_model_dir, LoadOptions, PaliGemma};
 
 #[derive(Parser)]
 struct Args {

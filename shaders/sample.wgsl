@@ -4,13 +4,14 @@
 //   m    = max_i logits[i]
 //   s    = sum_i exp(logits[i] - m)      =>  logprob(id) = logits[id] - m - ln(s)
 // One workgroup of 256 threads: each keeps a strided running (best, index) and an online
-// (max, sum) pair, then a tree reduction merges them. out = [id, best, m, s] as u32 bits.
+// (max, sum) pair, then a tree reduction merges them. out[4 slot..4 slot + 4] = [id, best, m, s]
+// as u32 bits (a decode step writes each sequence's pick into its own slot).
 
 struct Params {
     n: u32,
     row: u32,
-    _pad0: u32,
-    _pad1: u32,
+    slot: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -67,9 +68,10 @@ fn argmax_lse(@builtin(local_invocation_index) t: u32) {
         workgroupBarrier();
     }
     if (t == 0u) {
-        out[0] = best_i[0];
-        out[1] = bitcast<u32>(best_v[0]);
-        out[2] = bitcast<u32>(run_m[0]);
-        out[3] = bitcast<u32>(run_s[0]);
+        let o = 4u * p.slot;
+        out[o] = best_i[0];
+        out[o + 1u] = bitcast<u32>(best_v[0]);
+        out[o + 2u] = bitcast<u32>(run_m[0]);
+        out[o + 3u] = bitcast<u32>(run_s[0]);
     }
 }

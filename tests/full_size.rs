@@ -54,18 +54,19 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
     ids.extend([1000, 25_000, 100_000, 200_000, 256_100, 257_000, 42, 7, 108]);
     assert_eq!(ids.len(), 266);
     let mut seq = text.sequence(&gpu, ids.len(), 3).unwrap();
+    let mut prefill = text.prefill(&gpu, &seq, &ids).unwrap();
     let mut rec = Recorder::new(&gpu);
-    text.record_prefill(&mut rec, &mut seq, &ids, Some(&va.features))
+    let layers = text.num_layers();
+    text.record_prefill(&mut rec, &mut seq, &mut prefill, Some(&va.features), layers)
         .unwrap();
     rec.run().unwrap();
 
     let batch = text.batch(&gpu, 1).unwrap();
-    let mut seqs = vec![seq];
     for step in 0..3 {
         // Step 0 reads the prefill's outputs, later steps the batch's.
         let (logits, last) = match step {
-            0 => (&seqs[0].logits, seqs[0].last_hidden()),
-            _ => (&batch.logits, batch.last_hidden()),
+            0 => (prefill.logits(), prefill.last_hidden()),
+            _ => (batch.logits(), batch.last_hidden()),
         };
         let hidden = last.read(&gpu).unwrap();
         let logits = logits.read(&gpu).unwrap();
@@ -94,12 +95,11 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
         if step < 2 {
             let id = argmax(&logits);
             let mut rec = Recorder::new(&gpu);
-            text.record_step(&mut rec, &batch, &mut seqs, &[id])
+            text.record_step(&mut rec, &batch, &mut [&mut seq], &[id])
                 .unwrap();
             rec.run().unwrap();
         }
     }
-    let seq = &seqs[0];
     assert_eq!(seq.len(), 268);
 }
 

@@ -108,20 +108,25 @@ impl Forced {
         self.vision.record(&mut rec, &va, usize::MAX, true).unwrap();
         rec.run().unwrap();
         let mut seq = self.text.sequence(gpu, ids.len(), forced.len()).unwrap();
+        let mut prefill = self.text.prefill(gpu, &seq, ids).unwrap();
         let mut rec = Recorder::new(gpu);
-        self.text
-            .record_prefill(&mut rec, &mut seq, ids, Some(&va.features))
+        let features = Some(&va.features);
+        let layers = self.text.num_layers();
+        let done = self
+            .text
+            .record_prefill(&mut rec, &mut seq, &mut prefill, features, layers)
             .unwrap();
+        assert!(done);
         rec.run().unwrap();
-        let mut out = vec![seq.logits.read(gpu).unwrap()];
+        let mut out = vec![prefill.logits().read(gpu).unwrap()];
         let batch = self.text.batch(gpu, 1).unwrap();
         for &id in &forced[..forced.len() - 1] {
             let mut rec = Recorder::new(gpu);
             self.text
-                .record_step(&mut rec, &batch, std::slice::from_mut(&mut seq), &[id])
+                .record_step(&mut rec, &batch, &mut [&mut seq], &[id])
                 .unwrap();
             rec.run().unwrap();
-            out.push(batch.logits.read_rows(gpu, 0, 1).unwrap());
+            out.push(batch.logits().read_rows(gpu, 0, 1).unwrap());
         }
         out
     }

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use paligemma::generate::{GenerateOptions, SamplingParams};
+use paligemma::generate::{
+    GenerateOptions, ImageInput, Prompt, Request, SamplingParams, Scheduler, SchedulerEvent,
+    SchedulerOptions,
+};
 use paligemma::gpu::{Gpu, GpuOptions};
 use paligemma::model::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma, WeightFormat};
 use paligemma::tasks::{process_answer, OutputOptions};
@@ -63,17 +66,33 @@ enum Command {
         /// Input image.
         #[arg(long, required_unless_present = "batch")]
         image: Option<PathBuf>,
-        /// The prompt, e.g. "caption en".
+        /// The prompt, e.g. "caption en". Repeat it to ask several questions about the same
+        /// image: the vision tower runs once and the answers come in order, one per line.
         #[arg(long, required_unless_present = "batch")]
-        prompt: Option<String>,
-        /// Run many requests together: a JSON-lines file of {"image": PATH, "prompt": TEXT}
-        /// (paths relative to the current directory); prints one answer (or, with --json, one
-        /// JSON object) per line, in order.
+        prompt: Vec<String>,
+        /// Run many requests with continuous batching: a JSON-lines file of {"image": PATH,
+        /// "prompt": TEXT} (paths relative to the current directory), read as it is
+        /// processed; prints one answer (or, with --json, one JSON object) per line, in
+        /// input order. A bad line gives {"error": ...} with --json (a message on stderr and
+        /// an empty line otherwise) and the exit code 1 once the whole file is done.
         #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["image", "prompt"])]
         batch: Option<PathBuf>,
+        /// With --batch, take only the lines whose index (from 0) modulo N is I, to split a
+        /// job over several processes or machines.
+        #[arg(long, value_name = "I/N", requires = "batch")]
+        shard: Option<Shard>,
+        /// The most sequences decoding together (each holds its own KV cache).
+        #[arg(long, default_value_t = 16, value_name = "N")]
+        max_batch: usize,
         /// Stop after this many new tokens.
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
+        /// End the answer before this string (repeatable).
+        #[arg(long, value_name = "STRING")]
+        stop: Vec<String>,
+        /// Penalise tokens already in the sequence (HF's repetition_penalty; 1 is off).
+        #[arg(long, default_value_t = 1.0, value_name = "F")]
+        repetition_penalty: f32,
         /// Sampling temperature; 0 is greedy decoding.
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
@@ -185,29 +204,34 @@ fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
     Ok(gpu)
 }
 
-/// Read a JSON-lines batch file of {"image": PATH, "prompt": TEXT} objects.
-fn read_batch(path: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+/// `--shard I/N`: lines whose index modulo `n` is `i`.
+#[derive(Debug, Clone, Copy)]
+struct Shard {
+    i: usize,
+    n: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("{s:?} is not I/N with 0 <= I < N, e.g. 0/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (i, n): (usize, usize) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if i >= n {
+            return Err(bad());
         }
-        let at = || format!("{} line {}", path.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(at)?;
-        let field = |k: &str| {
-            v.get(k)
-                .and_then(|x| x.as_str())
-                .map(str::to_string)
-                .with_context(|| format!("{}: needs a string \"{k}\"", at()))
-        };
-        out.push((PathBuf::from(field("image")?), field("prompt")?));
+        Ok(Shard { i, n })
     }
-    if out.is_empty() {
-        anyhow::bail!("{} holds no requests", path.display());
+}
+
+impl Shard {
+    fn takes(&self, index: usize) -> bool {
+        index % self.n == self.i
     }
-    Ok(out)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -244,6 +268,10 @@ fn run(cli: Cli) -> Result<()> {
             top_logprobs,
             tasks,
             batch,
+            shard,
+            max_batch,
+            stop,
+            repetition_penalty,
         } => {
             let options = GenerateOptions {
                 max_new_tokens,
@@ -255,66 +283,61 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 top_logprobs,
                 stop_at_eos: true,
+                stop,
+                repetition_penalty,
             };
-            options.sampling.validate()?;
+            options.validate()?;
+            let scheduler = SchedulerOptions {
+                max_sequences: max_batch,
+                ..Default::default()
+            };
+            if max_batch == 0 {
+                anyhow::bail!("--max-batch must be at least 1");
+            }
             let dir = resolve_model_dir(&model)?;
             let gpu = open_gpu(cli.max_binding)?;
             if let Some(file) = batch {
                 if tasks.options().is_some() {
                     anyhow::bail!("--vae, --annotate and --mask-dir work on single requests, not with --batch");
                 }
-                let lines = read_batch(&file)?;
+                let input = std::fs::File::open(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
                 let model = PaliGemma::load_with(gpu, &dir, &load)?;
-                let mut requests = Vec::with_capacity(lines.len());
-                for (image, prompt) in lines {
-                    requests.push((model.images.load(&image)?, prompt));
-                }
-                for mut result in model.generate_batch(&requests, &options, &mut |_, _| true)? {
-                    result.timings.load_s = model.load_seconds();
-                    if json {
-                        println!("{}", serde_json::to_string(&result)?);
-                    } else {
-                        println!("{}", result.text);
-                    }
+                let job = BatchJob {
+                    file: &file,
+                    shard,
+                    json,
+                    options,
+                };
+                let failed = job.run(&model, scheduler, std::io::BufReader::new(input))?;
+                if failed > 0 {
+                    eprintln!("{failed} request(s) of {} failed", file.display());
+                    return Err(PartialFailure.into());
                 }
                 return Ok(());
             }
-            let (Some(image), Some(prompt)) = (image, prompt) else {
+            let Some(image) = image else {
                 anyhow::bail!("--image and --prompt are required without --batch");
             };
+            if prompt.len() > 1 && tasks.options().is_some() {
+                anyhow::bail!("--vae, --annotate and --mask-dir work with a single --prompt");
+            }
             let model = PaliGemma::load_with(gpu, &dir, &load)?;
             let pixels = model.images.load(&image)?;
-            let mut stdout = std::io::stdout();
-            let mut on_text = |t: &str| {
-                if !json {
-                    let _ = write!(stdout, "{t}");
-                    let _ = stdout.flush();
-                }
-                true
+            let shared = match prompt.len() {
+                1 => None,
+                _ => Some(model.image_features(&pixels)?),
             };
-            let mut result = model.generate(&pixels, &prompt, &options, &mut on_text)?;
-            result.timings.load_s = model.load_seconds();
-            let report = match tasks.options() {
-                Some(opts) => Some(process_answer(&result.text, &image, &opts, || {
-                    Ok(model.gpu().clone())
-                })?),
-                None => None,
-            };
-            if json {
-                let mut value = serde_json::to_string(&result).context("serialising the result")?;
-                if let Some(r) = &report {
-                    let mut map: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_str(&value)?;
-                    map.insert("objects".into(), serde_json::to_value(&r.objects)?);
-                    value = serde_json::to_string(&map)?;
-                }
-                println!("{value}");
-            } else {
-                println!();
-                if let Some(r) = &report {
-                    print!("{}", r.summary());
-                }
-                log::info!("timings: {:?}", result.timings);
+            for prompt in prompt {
+                let request = Request {
+                    image: match &shared {
+                        Some(features) => ImageInput::Features(features.clone()),
+                        None => ImageInput::Pixels(pixels.clone()),
+                    },
+                    prompt: Prompt::Text(prompt),
+                    options: options.clone(),
+                };
+                answer(&model, request, &image, &tasks, json)?;
             }
         }
         Command::Parse {
@@ -382,6 +405,175 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Run one request, streaming its text (or printing its JSON object), then any detection or
+/// segmentation outputs.
+fn answer(
+    model: &PaliGemma,
+    request: Request,
+    image: &std::path::Path,
+    tasks: &TaskArgs,
+    json: bool,
+) -> Result<()> {
+    let mut stdout = std::io::stdout();
+    let mut on_text = |t: &str| {
+        if !json {
+            let _ = write!(stdout, "{t}");
+            let _ = stdout.flush();
+        }
+        true
+    };
+    let mut result = model.run_one(request, &mut on_text)?;
+    result.timings.load_s = model.load_seconds();
+    let report = match tasks.options() {
+        Some(opts) => Some(process_answer(&result.text, image, &opts, || {
+            Ok(model.gpu().clone())
+        })?),
+        None => None,
+    };
+    if json {
+        let mut value = serde_json::to_value(&result).context("serialising the result")?;
+        if let Some(r) = &report {
+            value["objects"] = serde_json::to_value(&r.objects)?;
+        }
+        println!("{value}");
+    } else {
+        println!();
+        if let Some(r) = &report {
+            print!("{}", r.summary());
+        }
+        log::info!("timings: {:?}", result.timings);
+    }
+    Ok(())
+}
+
+/// Some lines of a `--batch` file failed (each was reported in its place): exit code 1.
+#[derive(Debug, thiserror::Error)]
+#[error("some requests failed")]
+struct PartialFailure;
+
+/// A `--batch` file streamed through the scheduler.
+struct BatchJob<'a> {
+    file: &'a std::path::Path,
+    shard: Option<Shard>,
+    json: bool,
+    options: GenerateOptions,
+}
+
+/// What a line of a batch file gave.
+type LineResult = std::result::Result<paligemma::generate::Generation, String>;
+
+impl BatchJob<'_> {
+    /// Feed the lines to the scheduler as slots free up, so memory stays flat however long
+    /// the file is, and print each answer in input order as soon as it and all before it are
+    /// done. Returns how many lines failed.
+    fn run(
+        &self,
+        model: &PaliGemma,
+        opts: SchedulerOptions,
+        input: impl std::io::BufRead,
+    ) -> Result<usize> {
+        let mut scheduler = Scheduler::new(model, opts)?;
+        let mut lines = input.lines().enumerate();
+        let mut exhausted = false;
+        let mut ready: std::collections::BTreeMap<usize, LineResult> = Default::default();
+        let mut order = std::collections::HashMap::new();
+        let (mut taken, mut printed, mut failed) = (0usize, 0usize, 0usize);
+        let mut stdout = std::io::stdout().lock();
+        loop {
+            while !exhausted && scheduler.queued() < opts.max_sequences {
+                let Some((index, line)) = lines.next() else {
+                    exhausted = true;
+                    break;
+                };
+                let line = line.with_context(|| format!("reading {}", self.file.display()))?;
+                if self.shard.is_some_and(|s| !s.takes(index)) || line.trim().is_empty() {
+                    continue;
+                }
+                let at = taken;
+                taken += 1;
+                match self.request(model, index, &line) {
+                    Ok(request) => match scheduler.submit(request) {
+                        Ok(id) => {
+                            order.insert(id, at);
+                        }
+                        Err(e) => {
+                            ready.insert(at, Err(self.located(index, &e.to_string())));
+                        }
+                    },
+                    Err(e) => {
+                        ready.insert(at, Err(e));
+                    }
+                }
+            }
+            if !scheduler.is_idle() {
+                for event in scheduler.step()? {
+                    if let SchedulerEvent::Finished { id, result } = event {
+                        let at = order.remove(&id).expect("every request was numbered");
+                        let result = result.map_err(|e| format!("request {}: {e}", at + 1));
+                        ready.insert(at, result);
+                    }
+                }
+            }
+            while let Some(result) = ready.remove(&printed) {
+                printed += 1;
+                failed += result.is_err() as usize;
+                self.print(&mut stdout, model, result)?;
+            }
+            if exhausted && scheduler.is_idle() && ready.is_empty() {
+                return Ok(failed);
+            }
+        }
+    }
+
+    fn located(&self, index: usize, msg: &str) -> String {
+        format!("{} line {}: {msg}", self.file.display(), index + 1)
+    }
+
+    /// The request of one line, or why there is none.
+    fn request(
+        &self,
+        model: &PaliGemma,
+        index: usize,
+        line: &str,
+    ) -> std::result::Result<Request, String> {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| self.located(index, &format!("not JSON: {e}")))?;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| self.located(index, &format!("needs a string \"{k}\"")))
+        };
+        let (image, prompt) = (field("image")?, field("prompt")?);
+        let pixels = model
+            .images
+            .load(std::path::Path::new(&image))
+            .map_err(|e| self.located(index, &e.to_string()))?;
+        Ok(Request {
+            image: ImageInput::Pixels(pixels),
+            prompt: Prompt::Text(prompt),
+            options: self.options.clone(),
+        })
+    }
+
+    fn print(&self, out: &mut impl Write, model: &PaliGemma, result: LineResult) -> Result<()> {
+        match (result, self.json) {
+            (Ok(mut g), true) => {
+                g.timings.load_s = model.load_seconds();
+                writeln!(out, "{}", serde_json::to_string(&g)?)?;
+            }
+            (Ok(g), false) => writeln!(out, "{}", g.text)?,
+            (Err(e), true) => writeln!(out, "{}", serde_json::json!({ "error": e }))?,
+            (Err(e), false) => {
+                eprintln!("error: {e}");
+                writeln!(out)?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -392,6 +584,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<PartialFailure>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::pipeline::PipelineCache;
+use super::recorder::{SubmissionCounters, SubmissionStats};
 use crate::{Error, Result};
 
 /// Options for opening the GPU.
@@ -29,6 +30,7 @@ pub struct Gpu {
     unified_memory: bool,
     pub(crate) pipelines: PipelineCache,
     bytes_created: AtomicU64,
+    pub(crate) submissions: SubmissionCounters,
 }
 
 const NO_ADAPTER_HELP: &str = "no GPU adapter found. paligemma needs Vulkan, Metal or DX12. \
@@ -150,6 +152,7 @@ impl Gpu {
             unified_memory,
             pipelines: PipelineCache::default(),
             bytes_created: AtomicU64::new(0),
+            submissions: SubmissionCounters::default(),
         }))
     }
 
@@ -214,16 +217,28 @@ impl Gpu {
     /// completes, so loaders call this after every chunk to hold one chunk of staging memory
     /// at a time instead of a second copy of the whole model.
     pub fn flush_uploads(&self) -> Result<()> {
+        self.submissions.count_submission(0);
         self.queue.submit(None);
         self.wait()
     }
 
     /// Block until all submitted work is done.
     pub fn wait(&self) -> Result<()> {
+        self.submissions.count_wait();
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))
+    }
+
+    /// Submissions, dispatches and blocking waits so far (see [`SubmissionStats`]).
+    pub fn submission_stats(&self) -> SubmissionStats {
+        self.submissions.snapshot()
+    }
+
+    /// Start counting [`Gpu::submission_stats`] from zero.
+    pub fn reset_submission_stats(&self) {
+        self.submissions.reset()
     }
 
     /// Copy `len` bytes of `buffer` starting at `offset` back to the host.
@@ -238,6 +253,7 @@ impl Gpu {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
+        self.submissions.count_submission(0);
         self.queue.submit([encoder.finish()]);
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();

@@ -11,5 +11,5 @@ mod tensor;
 
 pub use context::{Gpu, GpuOptions};
 pub use pipeline::KernelKey;
-pub use recorder::{Plan, Recorder};
+pub use recorder::{Plan, Recorder, SubmissionStats};
 pub use tensor::{DType, Tensor, WEIGHT_ROW_ALIGN};

@@ -5,6 +5,7 @@
 //! new parameters (the decode loop does this, see [`Recorder::finish_into`]) without
 //! creating any GPU object.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{Gpu, KernelKey};
@@ -214,6 +215,16 @@ impl Plan {
     /// Upload the parameters and encode every dispatch into one compute pass; submit without
     /// waiting.
     pub fn submit(&self, gpu: &Gpu) -> wgpu::SubmissionIndex {
+        self.submit_with(gpu, |_| {})
+    }
+
+    /// As [`Plan::submit`], with more commands (`extra`, e.g. a copy of the results into a
+    /// readback buffer) encoded after the compute pass, in the same submission.
+    pub fn submit_with(
+        &self,
+        gpu: &Gpu,
+        extra: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> wgpu::SubmissionIndex {
         gpu.queue.write_buffer(&self.params, 0, &self.host);
         let mut encoder = gpu
             .device
@@ -232,6 +243,8 @@ impl Plan {
                 pass.dispatch_workgroups(x, y, z);
             }
         }
+        extra(&mut encoder);
+        gpu.submissions.count_submission(self.ops.len());
         gpu.queue.submit([encoder.finish()])
     }
 
@@ -239,5 +252,62 @@ impl Plan {
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
         self.submit(gpu);
         gpu.wait()
+    }
+}
+
+/// How much work went to the GPU: counted by [`Gpu`] for every submission and blocking wait
+/// of the crate. Read with [`Gpu::submission_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubmissionStats {
+    /// Queue submissions (plans, readback copies and upload flushes).
+    pub submissions: u64,
+    /// Kernel dispatches in all of them.
+    pub dispatches: u64,
+    /// The most dispatches one submission carried.
+    pub max_dispatches: u64,
+    /// Blocking waits for the device.
+    pub waits: u64,
+}
+
+/// The atomic counters behind [`SubmissionStats`].
+#[derive(Debug, Default)]
+pub(crate) struct SubmissionCounters {
+    submissions: AtomicU64,
+    dispatches: AtomicU64,
+    max_dispatches: AtomicU64,
+    waits: AtomicU64,
+}
+
+impl SubmissionCounters {
+    pub(crate) fn count_submission(&self, dispatches: usize) {
+        self.submissions.fetch_add(1, Ordering::Relaxed);
+        self.dispatches
+            .fetch_add(dispatches as u64, Ordering::Relaxed);
+        self.max_dispatches
+            .fetch_max(dispatches as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_wait(&self) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> SubmissionStats {
+        SubmissionStats {
+            submissions: self.submissions.load(Ordering::Relaxed),
+            dispatches: self.dispatches.load(Ordering::Relaxed),
+            max_dispatches: self.max_dispatches.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn reset(&self) {
+        for c in [
+            &self.submissions,
+            &self.dispatches,
+            &self.max_dispatches,
+            &self.waits,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
     }
 }

@@ -15,6 +15,8 @@
 //! (`50·tanh(s/50)`), restricts generated tokens to a sliding window on alternate layers, and
 //! soft-caps the logits (`30·tanh(l/30)`).
 
+use std::ops::Range;
+
 use super::config::TextConfig;
 use super::weights::Checkpoint;
 use crate::gpu::{Gpu, Recorder, Tensor};
@@ -34,16 +36,42 @@ const PREFIX: &str = "language_model.model.";
 /// activation so that long prompts (896 px images: 4096+ tokens) fit in one binding.
 const MLP_BLOCK_ROWS: usize = 512;
 
+/// The norms of one decoder layer, which is what tells Gemma 1 and Gemma 2 layers apart.
+enum LayerNorms {
+    /// Gemma: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.
+    Gemma { input: Tensor, pre_mlp: Tensor },
+    /// Gemma 2: `input_layernorm` before attention, `post_attention_layernorm` on the
+    /// attention output, `pre_feedforward_layernorm` before the MLP and
+    /// `post_feedforward_layernorm` on its output.
+    Gemma2 {
+        input: Tensor,
+        post_attn: Tensor,
+        pre_mlp: Tensor,
+        post_mlp: Tensor,
+    },
+}
+
+impl LayerNorms {
+    fn input(&self) -> &Tensor {
+        match self {
+            LayerNorms::Gemma { input, .. } | LayerNorms::Gemma2 { input, .. } => input,
+        }
+    }
+
+    fn pre_mlp(&self) -> &Tensor {
+        match self {
+            LayerNorms::Gemma { pre_mlp, .. } | LayerNorms::Gemma2 { pre_mlp, .. } => pre_mlp,
+        }
+    }
+}
+
 /// One decoder layer's weights.
 pub struct DecoderLayer {
-    input_norm: Tensor,
+    norms: LayerNorms,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     o: Tensor,
-    post_norm: Tensor,
-    /// Gemma 2 only: the norms around the MLP.
-    ff_norms: Option<(Tensor, Tensor)>,
     gate: Tensor,
     up: Tensor,
     down: Tensor,
@@ -59,7 +87,8 @@ pub struct Gemma {
     final_norm: Tensor,
 }
 
-/// Activations for a block of `rows` positions.
+/// Activations for a block of `rows` positions (a prompt, or one row per sequence of a decode
+/// step).
 struct Acts {
     rows: usize,
     mlp_rows: usize,
@@ -71,9 +100,23 @@ struct Acts {
     gate: Tensor,
     /// Gemma 2: attention / MLP output before its norm `[rows, hidden]`.
     branch: Option<Tensor>,
+    /// Decode steps: the new keys and values `[rows, kv_dim]`, copied into each sequence's
+    /// cache row. A prefill (one sequence) writes them straight into its cache.
+    kv_new: Option<(Tensor, Tensor)>,
+    /// The final-normed hidden states of the rows the LM head reads `[.., hidden]`.
+    last: Tensor,
+    /// Their logits `[.., vocab]`.
+    logits: Tensor,
 }
 
-/// The per-sequence state: KV cache, RoPE table and the prefill's activations.
+/// Rows `row..row + rows` of a block of activations are positions `seq.len()..` of `seq`.
+struct Span<'s> {
+    seq: &'s Sequence,
+    row: usize,
+    rows: usize,
+}
+
+/// The per-sequence state: KV cache and RoPE table.
 pub struct Sequence {
     capacity: usize,
     prefix_len: usize,
@@ -81,21 +124,38 @@ pub struct Sequence {
     k_cache: Vec<Tensor>,
     v_cache: Vec<Tensor>,
     rope: RopeTable,
-    prefill: Acts,
-    last: Tensor,
-    /// Logits of the last prompt position `[1, vocab]` (after the prefill).
-    pub logits: Tensor,
+}
+
+/// A prompt's prefill in progress: its activations (freed when it is dropped) and how many
+/// layers have been recorded. See [`Gemma::record_prefill`].
+pub struct Prefill {
+    acts: Acts,
+    next_layer: usize,
+    done: bool,
+}
+
+impl Prefill {
+    /// Logits of the last prompt position `[1, vocab]` (valid once the prefill is done).
+    pub fn logits(&self) -> &Tensor {
+        &self.acts.logits
+    }
+
+    /// The final-normed hidden state of the last prompt position `[1, hidden]` (the LM
+    /// head's input).
+    pub fn last_hidden(&self) -> &Tensor {
+        &self.acts.last
+    }
+
+    /// Whether every layer and the LM head have been recorded.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
 }
 
 /// Activations of a decode step for up to `size` sequences at once: one row per sequence,
 /// so every weight is read once per step for the whole batch.
 pub struct Batch {
     step: Acts,
-    k_new: Tensor,
-    v_new: Tensor,
-    last: Tensor,
-    /// Logits of the step `[size, vocab]`, row `b` for sequence `b`.
-    pub logits: Tensor,
 }
 
 impl Batch {
@@ -106,7 +166,12 @@ impl Batch {
 
     /// The final-normed hidden states of the last step `[size, hidden]`.
     pub fn last_hidden(&self) -> &Tensor {
-        &self.last
+        &self.step.last
+    }
+
+    /// Logits of the last step `[size, vocab]`, row `b` for the step's sequence `b`.
+    pub fn logits(&self) -> &Tensor {
+        &self.step.logits
     }
 }
 
@@ -126,47 +191,189 @@ impl Sequence {
         self.capacity
     }
 
-    /// The final-normed hidden state of the last prompt position `[1, hidden]` (the LM
-    /// head's input).
-    pub fn last_hidden(&self) -> &Tensor {
-        &self.last
+    /// Length of the prompt (the bidirectional prefix).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix_len
+    }
+}
+
+impl DecoderLayer {
+    fn load(ck: &Checkpoint, gpu: &Gpu, cfg: &TextConfig, l: usize) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let qd = cfg.num_attention_heads * cfg.head_dim;
+        let kvd = cfg.num_key_value_heads * cfg.head_dim;
+        let n = |s: &str| format!("{PREFIX}layers.{l}.{s}");
+        let input = ck.vector(gpu, &n("input_layernorm.weight"), h)?;
+        let post_attention = ck.vector(gpu, &n("post_attention_layernorm.weight"), h)?;
+        let norms = if cfg.is_gemma2() {
+            LayerNorms::Gemma2 {
+                input,
+                post_attn: post_attention,
+                pre_mlp: ck.vector(gpu, &n("pre_feedforward_layernorm.weight"), h)?,
+                post_mlp: ck.vector(gpu, &n("post_feedforward_layernorm.weight"), h)?,
+            }
+        } else {
+            LayerNorms::Gemma {
+                input,
+                pre_mlp: post_attention,
+            }
+        };
+        Ok(DecoderLayer {
+            norms,
+            q: ck.matrix(gpu, &n("self_attn.q_proj.weight"), &[qd, h])?,
+            k: ck.matrix(gpu, &n("self_attn.k_proj.weight"), &[kvd, h])?,
+            v: ck.matrix(gpu, &n("self_attn.v_proj.weight"), &[kvd, h])?,
+            o: ck.matrix(gpu, &n("self_attn.o_proj.weight"), &[h, qd])?,
+            gate: ck.matrix(gpu, &n("mlp.gate_proj.weight"), &[i, h])?,
+            up: ck.matrix(gpu, &n("mlp.up_proj.weight"), &[i, h])?,
+            down: ck.matrix(gpu, &n("mlp.down_proj.weight"), &[h, i])?,
+        })
+    }
+
+    /// `x += Attn(norm(x))` on the rows of `spans`: q/k/v projections of all rows, RoPE, the
+    /// new keys and values into each sequence's cache at its position, attention under the
+    /// prefix-LM mask, the output projection and the residual add (Gemma 2 normalises the
+    /// attention output first).
+    fn record_attention(
+        &self,
+        rec: &mut Recorder,
+        cfg: &TextConfig,
+        attn: AttnOpts,
+        l: usize,
+        a: &Acts,
+        spans: &[Span],
+        rows: usize,
+    ) -> Result<()> {
+        let eps = cfg.rms_norm_eps;
+        let plain = LinearOpts {
+            rows: Some(rows),
+            ..Default::default()
+        };
+        let norm = NormOpts {
+            rows: Some(rows),
+            ..Default::default()
+        };
+        rms_norm(rec, &a.x, self.norms.input(), &a.h, eps, norm)?;
+        linear(rec, &a.h, &self.q, None, &a.q, plain)?;
+        match (&a.kv_new, spans) {
+            (Some((k_new, v_new)), _) => {
+                linear(rec, &a.h, &self.k, None, k_new, plain)?;
+                linear(rec, &a.h, &self.v, None, v_new, plain)?;
+                for s in spans {
+                    let (kc, vc) = (&s.seq.k_cache[l], &s.seq.v_cache[l]);
+                    copy_rows(rec, k_new, s.row, kc, s.seq.len, s.rows)?;
+                    copy_rows(rec, v_new, s.row, vc, s.seq.len, s.rows)?;
+                }
+            }
+            (None, [s]) => {
+                let into_cache = LinearOpts {
+                    out_row: s.seq.len,
+                    ..plain
+                };
+                linear(rec, &a.h, &self.k, None, &s.seq.k_cache[l], into_cache)?;
+                linear(rec, &a.h, &self.v, None, &s.seq.v_cache[l], into_cache)?;
+            }
+            (None, _) => {
+                return Err(Error::kernel(
+                    "decoder attention",
+                    "several sequences need a key/value staging buffer",
+                ))
+            }
+        }
+        for s in spans {
+            let (kc, vc, pos) = (&s.seq.k_cache[l], &s.seq.v_cache[l], s.seq.len);
+            rope(
+                rec,
+                &a.q,
+                cfg.num_attention_heads,
+                s.row,
+                s.rows,
+                pos,
+                &s.seq.rope,
+            )?;
+            rope(
+                rec,
+                kc,
+                cfg.num_key_value_heads,
+                pos,
+                s.rows,
+                pos,
+                &s.seq.rope,
+            )?;
+            let opts = AttnOpts {
+                q_rows: s.rows,
+                q_row0: s.row,
+                q_pos0: pos,
+                kv_len: pos + s.rows,
+                prefix_len: s.seq.prefix_len,
+                ..attn
+            };
+            attention(rec, &a.q, kc, vc, &a.attn, &opts)?;
+        }
+        match (&self.norms, &a.branch) {
+            (LayerNorms::Gemma2 { post_attn, .. }, Some(branch)) => {
+                linear(rec, &a.attn, &self.o, None, branch, plain)?;
+                rms_norm(rec, branch, post_attn, &a.h, eps, norm)?;
+                add(rec, &a.x, &a.h)
+            }
+            _ => {
+                let residual = LinearOpts {
+                    combine: Combine::Add,
+                    ..plain
+                };
+                linear(rec, &a.attn, &self.o, None, &a.x, residual)
+            }
+        }
+    }
+
+    /// `x += MLP(norm(x))` on rows `0..rows` of `a`, in blocks of at most `a.mlp_rows` rows
+    /// (Gemma 2 normalises the MLP output before the residual add).
+    fn record_mlp(&self, rec: &mut Recorder, eps: f32, a: &Acts, rows: usize) -> Result<()> {
+        let norm = NormOpts {
+            rows: Some(rows),
+            ..Default::default()
+        };
+        rms_norm(rec, &a.x, self.norms.pre_mlp(), &a.h, eps, norm)?;
+        let (mlp_out, mlp_combine) = match &a.branch {
+            Some(branch) => (branch, Combine::Store),
+            None => (&a.x, Combine::Add),
+        };
+        for r0 in (0..rows).step_by(a.mlp_rows) {
+            let n = a.mlp_rows.min(rows - r0);
+            let block = |act, combine, x_row, out_row| LinearOpts {
+                act,
+                combine,
+                x_row,
+                out_row,
+                rows: Some(n),
+            };
+            let gelu = block(Act::GeluTanh, Combine::Store, r0, 0);
+            linear(rec, &a.h, &self.gate, None, &a.gate, gelu)?;
+            let times = block(Act::None, Combine::Mul, r0, 0);
+            linear(rec, &a.h, &self.up, None, &a.gate, times)?;
+            let down = block(Act::None, mlp_combine, 0, r0);
+            linear(rec, &a.gate, &self.down, None, mlp_out, down)?;
+        }
+        if let (LayerNorms::Gemma2 { post_mlp, .. }, Some(branch)) = (&self.norms, &a.branch) {
+            rms_norm(rec, branch, post_mlp, &a.h, eps, norm)?;
+            add(rec, &a.x, &a.h)?;
+        }
+        Ok(())
     }
 }
 
 impl Gemma {
     /// Load the decoder weights (published names under `language_model.model.`).
     pub fn load(ck: &Checkpoint, gpu: &Gpu, cfg: &TextConfig) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let qd = cfg.num_attention_heads * cfg.head_dim;
-        let kvd = cfg.num_key_value_heads * cfg.head_dim;
         let embed = ck.matrix(
             gpu,
             &format!("{PREFIX}embed_tokens.weight"),
-            &[cfg.vocab_size, h],
+            &[cfg.vocab_size, cfg.hidden_size],
         )?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let n = |s: &str| format!("{PREFIX}layers.{l}.{s}");
-            layers.push(DecoderLayer {
-                input_norm: ck.vector(gpu, &n("input_layernorm.weight"), h)?,
-                q: ck.matrix(gpu, &n("self_attn.q_proj.weight"), &[qd, h])?,
-                k: ck.matrix(gpu, &n("self_attn.k_proj.weight"), &[kvd, h])?,
-                v: ck.matrix(gpu, &n("self_attn.v_proj.weight"), &[kvd, h])?,
-                o: ck.matrix(gpu, &n("self_attn.o_proj.weight"), &[h, qd])?,
-                post_norm: ck.vector(gpu, &n("post_attention_layernorm.weight"), h)?,
-                ff_norms: match cfg.is_gemma2() {
-                    true => Some((
-                        ck.vector(gpu, &n("pre_feedforward_layernorm.weight"), h)?,
-                        ck.vector(gpu, &n("post_feedforward_layernorm.weight"), h)?,
-                    )),
-                    false => None,
-                },
-                gate: ck.matrix(gpu, &n("mlp.gate_proj.weight"), &[i, h])?,
-                up: ck.matrix(gpu, &n("mlp.up_proj.weight"), &[i, h])?,
-                down: ck.matrix(gpu, &n("mlp.down_proj.weight"), &[h, i])?,
-            });
-        }
-        let final_norm = ck.vector(gpu, &format!("{PREFIX}norm.weight"), h)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::load(ck, gpu, cfg, l))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = ck.vector(gpu, &format!("{PREFIX}norm.weight"), cfg.hidden_size)?;
         Ok(Gemma {
             cfg: cfg.clone(),
             embed,
@@ -180,9 +387,24 @@ impl Gemma {
         &self.cfg
     }
 
-    fn acts(&self, gpu: &Gpu, rows: usize, tag: &str) -> Result<Acts> {
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Activations for `rows` positions whose LM head reads `head_rows` rows; decode steps
+    /// (`staged`) get key/value staging rows.
+    fn acts(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+        head_rows: usize,
+        staged: bool,
+        tag: &str,
+    ) -> Result<Acts> {
         let c = &self.cfg;
         let qd = c.num_attention_heads * c.head_dim;
+        let kvd = c.num_key_value_heads * c.head_dim;
         let mlp_rows = rows.min(MLP_BLOCK_ROWS);
         let t = |s: &str| format!("{tag}.{s}");
         Ok(Acts {
@@ -198,6 +420,15 @@ impl Gemma {
                 true => Some(Tensor::zeros(gpu, &t("branch"), &[rows, c.hidden_size])?),
                 false => None,
             },
+            kv_new: match staged {
+                true => Some((
+                    Tensor::zeros(gpu, &t("k"), &[rows, kvd])?,
+                    Tensor::zeros(gpu, &t("v"), &[rows, kvd])?,
+                )),
+                false => None,
+            },
+            last: Tensor::zeros(gpu, &t("last"), &[head_rows, c.hidden_size])?,
+            logits: Tensor::zeros(gpu, &t("logits"), &[head_rows, c.vocab_size])?,
         })
     }
 
@@ -216,46 +447,28 @@ impl Gemma {
             )));
         }
         let kvd = c.num_key_value_heads * c.head_dim;
-        let mut k_cache = Vec::with_capacity(self.layers.len());
-        let mut v_cache = Vec::with_capacity(self.layers.len());
-        for l in 0..self.layers.len() {
-            k_cache.push(Tensor::zeros(
-                gpu,
-                &format!("k_cache.{l}"),
-                &[capacity, kvd],
-            )?);
-            v_cache.push(Tensor::zeros(
-                gpu,
-                &format!("v_cache.{l}"),
-                &[capacity, kvd],
-            )?);
-        }
+        let cache = |kind: &str| {
+            (0..self.layers.len())
+                .map(|l| Tensor::zeros(gpu, &format!("{kind}_cache.{l}"), &[capacity, kvd]))
+                .collect::<Result<Vec<_>>>()
+        };
         Ok(Sequence {
             capacity,
             prefix_len,
             len: 0,
-            k_cache,
-            v_cache,
+            k_cache: cache("k")?,
+            v_cache: cache("v")?,
             rope: RopeTable::new(gpu, capacity, c.head_dim, c.rope_theta)?,
-            prefill: self.acts(gpu, prefix_len, "prefill")?,
-            last: Tensor::zeros(gpu, "last", &[1, c.hidden_size])?,
-            logits: Tensor::zeros(gpu, "logits", &[1, c.vocab_size])?,
         })
     }
 
     /// Allocate decode-step activations for `size` sequences.
     pub fn batch(&self, gpu: &Gpu, size: usize) -> Result<Batch> {
-        let c = &self.cfg;
         if size == 0 {
             return Err(Error::Request("a batch needs at least one sequence".into()));
         }
-        let kvd = c.num_key_value_heads * c.head_dim;
         Ok(Batch {
-            step: self.acts(gpu, size, "step")?,
-            k_new: Tensor::zeros(gpu, "step.k", &[size, kvd])?,
-            v_new: Tensor::zeros(gpu, "step.v", &[size, kvd])?,
-            last: Tensor::zeros(gpu, "step.last", &[size, c.hidden_size])?,
-            logits: Tensor::zeros(gpu, "step.logits", &[size, c.vocab_size])?,
+            step: self.acts(gpu, size, size, true, "step")?,
         })
     }
 
@@ -269,17 +482,10 @@ impl Gemma {
         }
     }
 
-    /// Record the prefill of the whole prompt: `ids` (image placeholders included) with the
-    /// first `image_features.rows()` rows replaced by `image_features`; leaves the logits of
-    /// the last prompt position in `seq.logits`.
-    pub fn record_prefill(
-        &self,
-        rec: &mut Recorder,
-        seq: &mut Sequence,
-        ids: &[u32],
-        image_features: Option<&Tensor>,
-    ) -> Result<()> {
-        let gpu = rec.gpu();
+    /// Prepare the prefill of `ids` (the whole prompt, image placeholders included) on the
+    /// empty sequence `seq`: allocates its activations and uploads the ids. Record it with
+    /// [`Gemma::record_prefill`].
+    pub fn prefill(&self, gpu: &Gpu, seq: &Sequence, ids: &[u32]) -> Result<Prefill> {
         if ids.len() != seq.prefix_len || seq.len != 0 {
             return Err(Error::Request(format!(
                 "prefill of {} tokens on a sequence prepared for {} (at position {})",
@@ -289,41 +495,75 @@ impl Gemma {
             )));
         }
         self.check_ids(ids)?;
+        let acts = self.acts(gpu, ids.len(), 1, false, "prefill")?;
         gpu.queue
-            .write_buffer(seq.prefill.ids.buffer(), 0, bytemuck::cast_slice(ids));
-        let scale = (self.cfg.hidden_size as f32).sqrt();
-        embed(
-            rec,
-            &self.embed,
-            &seq.prefill.ids,
-            &seq.prefill.x,
-            0,
-            scale,
-            Combine::Store,
-        )?;
-        if let Some(f) = image_features {
-            if f.rows() > ids.len() {
-                return Err(Error::Request(format!(
-                    "{} image features for a prompt of {} tokens",
-                    f.rows(),
-                    ids.len()
-                )));
-            }
-            copy_rows(rec, f, 0, &seq.prefill.x, 0, f.rows())?;
+            .write_buffer(acts.ids.buffer(), 0, bytemuck::cast_slice(ids));
+        Ok(Prefill {
+            acts,
+            next_layer: 0,
+            done: false,
+        })
+    }
+
+    /// Record the next `layers` decoder layers of a prefill: the first call also records the
+    /// embeddings, with the first `image_features.rows()` rows replaced by `image_features`
+    /// (pass the same features on every call); the call that records the last layer also
+    /// records the final norm and LM head of the last prompt position into
+    /// [`Prefill::logits`]. Returns whether the prefill is complete. Calling it in parts lets
+    /// each part go to the GPU as its own submission.
+    pub fn record_prefill(
+        &self,
+        rec: &mut Recorder,
+        seq: &mut Sequence,
+        p: &mut Prefill,
+        image_features: Option<&Tensor>,
+        layers: usize,
+    ) -> Result<bool> {
+        if p.done || seq.len != 0 || p.acts.rows != seq.prefix_len {
+            return Err(Error::Request(
+                "this prefill is complete or belongs to another sequence".into(),
+            ));
         }
-        self.record_prefill_layers(rec, seq)?;
-        seq.len = ids.len();
-        Ok(())
+        let a = &p.acts;
+        if p.next_layer == 0 {
+            let scale = (self.cfg.hidden_size as f32).sqrt();
+            embed(rec, &self.embed, &a.ids, &a.x, 0, scale, Combine::Store)?;
+            if let Some(f) = image_features {
+                if f.rows() > a.rows || f.cols() != self.cfg.hidden_size {
+                    return Err(Error::Request(format!(
+                        "image features {:?} for a prompt of {} tokens of width {}",
+                        f.shape(),
+                        a.rows,
+                        self.cfg.hidden_size
+                    )));
+                }
+                copy_rows(rec, f, 0, &a.x, 0, f.rows())?;
+            }
+        }
+        let end = (p.next_layer + layers.max(1)).min(self.layers.len());
+        let span = [Span {
+            seq,
+            row: 0,
+            rows: a.rows,
+        }];
+        self.record_layers(rec, a, &span, p.next_layer..end)?;
+        p.next_layer = end;
+        if end == self.layers.len() {
+            self.record_head(rec, a, a.rows - 1, 1)?;
+            seq.len = a.rows;
+            p.done = true;
+        }
+        Ok(p.done)
     }
 
     /// Record one decode step: sequence `b` of `seqs` takes token `ids[b]` at its next
-    /// position; its logits land in row `b` of `batch.logits`. Sequences may be at different
-    /// positions; `seqs.len()` may be smaller than the batch.
+    /// position; its logits land in row `b` of [`Batch::logits`]. Sequences may be at
+    /// different positions; `seqs.len()` may be smaller than the batch.
     pub fn record_step(
         &self,
         rec: &mut Recorder,
         batch: &Batch,
-        seqs: &mut [Sequence],
+        seqs: &mut [&mut Sequence],
         ids: &[u32],
     ) -> Result<()> {
         let n = seqs.len();
@@ -347,44 +587,34 @@ impl Gemma {
         rec.gpu()
             .queue
             .write_buffer(a.ids.buffer(), 0, bytemuck::cast_slice(ids));
-        let c = &self.cfg;
-        let scale = (c.hidden_size as f32).sqrt();
+        let scale = (self.cfg.hidden_size as f32).sqrt();
         embed(rec, &self.embed, &a.ids, &a.x, 0, scale, Combine::Store)?;
-        let rows = Some(n);
-        let plain = LinearOpts {
-            rows,
-            ..Default::default()
-        };
-        let norm = NormOpts {
-            rows,
-            ..Default::default()
-        };
-        for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(rec, &a.x, &layer.input_norm, &a.h, c.rms_norm_eps, norm)?;
-            linear(rec, &a.h, &layer.q, None, &a.q, plain)?;
-            linear(rec, &a.h, &layer.k, None, &batch.k_new, plain)?;
-            linear(rec, &a.h, &layer.v, None, &batch.v_new, plain)?;
-            for (b, seq) in seqs.iter().enumerate() {
-                let (kc, vc, pos) = (&seq.k_cache[l], &seq.v_cache[l], seq.len);
-                copy_rows(rec, &batch.k_new, b, kc, pos, 1)?;
-                copy_rows(rec, &batch.v_new, b, vc, pos, 1)?;
-                rope(rec, &a.q, c.num_attention_heads, b, 1, pos, &seq.rope)?;
-                rope(rec, kc, c.num_key_value_heads, pos, 1, pos, &seq.rope)?;
-                let opts = AttnOpts {
-                    q_rows: 1,
-                    q_row0: b,
-                    q_pos0: pos,
-                    kv_len: pos + 1,
-                    prefix_len: seq.prefix_len,
-                    ..self.attn_opts(l)
-                };
-                attention(rec, &a.q, kc, vc, &a.attn, &opts)?;
-            }
-            self.record_ffn(rec, a, layer, n)?;
-        }
-        self.record_head(rec, a, 0, n, &batch.last, &batch.logits)?;
+        let spans: Vec<Span> = seqs
+            .iter()
+            .enumerate()
+            .map(|(row, seq)| Span { seq, row, rows: 1 })
+            .collect();
+        self.record_layers(rec, a, &spans, 0..self.layers.len())?;
+        self.record_head(rec, a, 0, n)?;
         for seq in seqs.iter_mut() {
             seq.len += 1;
+        }
+        Ok(())
+    }
+
+    /// Record `layers` of the decoder on the rows of `spans` (rows `0..` of `a`, in order).
+    fn record_layers(
+        &self,
+        rec: &mut Recorder,
+        a: &Acts,
+        spans: &[Span],
+        layers: Range<usize>,
+    ) -> Result<()> {
+        let rows: usize = spans.iter().map(|s| s.rows).sum();
+        for l in layers {
+            let layer = &self.layers[l];
+            layer.record_attention(rec, &self.cfg, self.attn_opts(l), l, a, spans, rows)?;
+            layer.record_mlp(rec, self.cfg.rms_norm_eps, a, rows)?;
         }
         Ok(())
     }
@@ -411,154 +641,23 @@ impl Gemma {
         }
     }
 
-    /// The prompt's layers: q/k/v of all rows, k and v straight into the cache.
-    fn record_prefill_layers(&self, rec: &mut Recorder, seq: &Sequence) -> Result<()> {
-        let c = &self.cfg;
-        let a = &seq.prefill;
-        let rows = a.rows;
-        let plain = LinearOpts::default();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (kc, vc) = (&seq.k_cache[l], &seq.v_cache[l]);
-            rms_norm(
-                rec,
-                &a.x,
-                &layer.input_norm,
-                &a.h,
-                c.rms_norm_eps,
-                NormOpts::default(),
-            )?;
-            linear(rec, &a.h, &layer.q, None, &a.q, plain)?;
-            linear(rec, &a.h, &layer.k, None, kc, plain)?;
-            linear(rec, &a.h, &layer.v, None, vc, plain)?;
-            rope(rec, &a.q, c.num_attention_heads, 0, rows, 0, &seq.rope)?;
-            rope(rec, kc, c.num_key_value_heads, 0, rows, 0, &seq.rope)?;
-            let opts = AttnOpts {
-                q_rows: rows,
-                kv_len: rows,
-                prefix_len: seq.prefix_len,
-                ..self.attn_opts(l)
-            };
-            attention(rec, &a.q, kc, vc, &a.attn, &opts)?;
-            self.record_ffn(rec, a, layer, rows)?;
-        }
-        self.record_head(rec, a, rows - 1, 1, &seq.last, &seq.logits)
-    }
-
-    /// The rest of a layer after attention, on rows `0..rows` of `a`: the output projection
-    /// and residual, then the MLP (in blocks of rows) and residual; Gemma 2 normalises both
-    /// branches before adding them.
-    fn record_ffn(
-        &self,
-        rec: &mut Recorder,
-        a: &Acts,
-        layer: &DecoderLayer,
-        rows: usize,
-    ) -> Result<()> {
-        let eps = self.cfg.rms_norm_eps;
-        let plain = LinearOpts {
-            rows: Some(rows),
-            ..Default::default()
-        };
-        let norm = NormOpts {
-            rows: Some(rows),
-            ..Default::default()
-        };
-        // The MLP's input norm: Gemma 1 calls it post_attention_layernorm, Gemma 2
-        // pre_feedforward_layernorm (its post_attention_layernorm normalises the attention
-        // output before the residual add).
-        let mlp_norm = match (&a.branch, &layer.ff_norms) {
-            (Some(branch), Some((pre_ff, _))) => {
-                linear(rec, &a.attn, &layer.o, None, branch, plain)?;
-                rms_norm(rec, branch, &layer.post_norm, &a.h, eps, norm)?;
-                add(rec, &a.x, &a.h)?;
-                pre_ff
-            }
-            _ => {
-                let residual = LinearOpts {
-                    combine: Combine::Add,
-                    ..plain
-                };
-                linear(rec, &a.attn, &layer.o, None, &a.x, residual)?;
-                &layer.post_norm
-            }
-        };
-        rms_norm(rec, &a.x, mlp_norm, &a.h, eps, norm)?;
-        let (mlp_out, mlp_combine) = match &a.branch {
-            Some(branch) => (branch, Combine::Store),
-            None => (&a.x, Combine::Add),
-        };
-        for r0 in (0..rows).step_by(a.mlp_rows) {
-            let n = a.mlp_rows.min(rows - r0);
-            let block = |act, combine, x_row, out_row| LinearOpts {
-                act,
-                combine,
-                x_row,
-                out_row,
-                rows: Some(n),
-            };
-            linear(
-                rec,
-                &a.h,
-                &layer.gate,
-                None,
-                &a.gate,
-                block(Act::GeluTanh, Combine::Store, r0, 0),
-            )?;
-            linear(
-                rec,
-                &a.h,
-                &layer.up,
-                None,
-                &a.gate,
-                block(Act::None, Combine::Mul, r0, 0),
-            )?;
-            linear(
-                rec,
-                &a.gate,
-                &layer.down,
-                None,
-                mlp_out,
-                block(Act::None, mlp_combine, 0, r0),
-            )?;
-        }
-        if let (Some(branch), Some((_, post_ff))) = (&a.branch, &layer.ff_norms) {
-            rms_norm(rec, branch, post_ff, &a.h, eps, norm)?;
-            add(rec, &a.x, &a.h)?;
-        }
-        Ok(())
-    }
-
-    /// Final norm of rows `row..row + rows` of `a.x` into `last`, then the tied LM head (and
-    /// Gemma 2's logit soft-cap) into `logits`.
-    fn record_head(
-        &self,
-        rec: &mut Recorder,
-        a: &Acts,
-        row: usize,
-        rows: usize,
-        last: &Tensor,
-        logits: &Tensor,
-    ) -> Result<()> {
+    /// Final norm of rows `row..row + rows` of `a.x` into `a.last`, then the tied LM head (and
+    /// Gemma 2's logit soft-cap) into `a.logits`.
+    fn record_head(&self, rec: &mut Recorder, a: &Acts, row: usize, rows: usize) -> Result<()> {
         let norm = NormOpts {
             x_row: row,
             out_row: 0,
             rows: Some(rows),
         };
-        rms_norm(
-            rec,
-            &a.x,
-            &self.final_norm,
-            last,
-            self.cfg.rms_norm_eps,
-            norm,
-        )?;
+        let eps = self.cfg.rms_norm_eps;
+        rms_norm(rec, &a.x, &self.final_norm, &a.last, eps, norm)?;
         let head = LinearOpts {
             rows: Some(rows),
             ..Default::default()
         };
-        linear(rec, last, &self.embed, None, logits, head)?;
+        linear(rec, &a.last, &self.embed, None, &a.logits, head)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
-            softcap(rec, logits, 0, rows, cap)?;
+            softcap(rec, &a.logits, 0, rows, cap)?;
         }
         Ok(())
     }

@@ -7,7 +7,5 @@ pub mod siglip;
 pub mod weights;
 
 pub use config::{PaliGemmaConfig, TextConfig, VisionConfig};
-pub use paligemma::{
-    resolve_model_dir, Event, GenerationStream, ImageEncoder, LoadOptions, PaliGemma,
-};
+pub use paligemma::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma};
 pub use weights::{Checkpoint, WeightFormat};

@@ -7,6 +7,8 @@
 //! ```
 //! Attention is bidirectional over all patches with scale head_dim^-0.5.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::config::{PaliGemmaConfig, VisionConfig};
 use super::weights::Checkpoint;
 use crate::gpu::{Gpu, Recorder, Tensor};
@@ -95,6 +97,7 @@ pub struct VisionTower {
     layers: Vec<EncoderLayer>,
     post: LayerNorm,
     proj: Linear,
+    runs: AtomicU64,
 }
 
 /// Preallocated activations for one image.
@@ -164,6 +167,7 @@ impl VisionTower {
             layers,
             post,
             proj,
+            runs: AtomicU64::new(0),
         })
     }
 
@@ -198,6 +202,11 @@ impl VisionTower {
         })
     }
 
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Record the embeddings and the first `layers` encoder layers; with `finish`, also the
     /// post-LayerNorm and the projector (into `a.features`). The residual stream is `a.x`.
     pub fn record(
@@ -207,14 +216,69 @@ impl VisionTower {
         layers: usize,
         finish: bool,
     ) -> Result<()> {
-        let c = &self.cfg;
-        let heads = c.num_attention_heads;
-        let head_dim = c.hidden_size / heads;
-        let n = self.num_patches();
-        im2col(rec, &a.pixels, &a.patches, c.patch_size)?;
+        let layers = layers.min(self.layers.len());
+        self.record_embeddings(rec, a)?;
+        for layer in &self.layers[..layers] {
+            self.record_layer(rec, a, layer)?;
+        }
+        if finish {
+            self.record_projector(rec, a, &a.features)?;
+        }
+        Ok(())
+    }
+
+    /// Record a part of the tower, so that each part can go to the GPU as its own
+    /// submission: the embeddings when `layers.start == 0`, encoder layers `layers`, and, when
+    /// `layers.end` is the number of layers, the post-LayerNorm and the projector into
+    /// `features` (`[num_patches, projection_dim]`).
+    pub fn record_part(
+        &self,
+        rec: &mut Recorder,
+        a: &VisionActivations,
+        layers: std::ops::Range<usize>,
+        features: &Tensor,
+    ) -> Result<()> {
+        if layers.start > layers.end || layers.end > self.layers.len() {
+            return Err(Error::Request(format!(
+                "vision layers {layers:?} of a tower of {}",
+                self.layers.len()
+            )));
+        }
+        if layers.start == 0 {
+            self.record_embeddings(rec, a)?;
+        }
+        for layer in &self.layers[layers.clone()] {
+            self.record_layer(rec, a, layer)?;
+        }
+        if layers.end == self.layers.len() {
+            self.record_projector(rec, a, features)?;
+        }
+        Ok(())
+    }
+
+    /// Allocate the output of the projector for one image, `[num_patches, projection_dim]`.
+    pub fn features(&self, gpu: &Gpu) -> Result<Tensor> {
+        Tensor::zeros(gpu, "image_features", &[self.num_patches(), self.out_dim])
+    }
+
+    /// Patch embedding (im2col · W + b) plus the position embeddings into `a.x`.
+    fn record_embeddings(&self, rec: &mut Recorder, a: &VisionActivations) -> Result<()> {
+        im2col(rec, &a.pixels, &a.patches, self.cfg.patch_size)?;
         self.patch
             .record(rec, &a.patches, &a.x, Act::None, Combine::Store)?;
-        embed(rec, &self.pos, &a.pos_ids, &a.x, 0, 1.0, Combine::Add)?;
+        embed(rec, &self.pos, &a.pos_ids, &a.x, 0, 1.0, Combine::Add)
+    }
+
+    /// One pre-LN encoder layer on `a.x`: `x += Attn(LN1(x)); x += MLP(LN2(x))`.
+    fn record_layer(
+        &self,
+        rec: &mut Recorder,
+        a: &VisionActivations,
+        layer: &EncoderLayer,
+    ) -> Result<()> {
+        let heads = self.cfg.num_attention_heads;
+        let head_dim = self.cfg.hidden_size / heads;
+        let n = self.num_patches();
         let attn_opts = AttnOpts {
             heads,
             kv_heads: heads,
@@ -228,53 +292,35 @@ impl VisionTower {
             softcap: 0.0,
             q_row0: 0,
         };
-        for layer in &self.layers[..layers.min(self.layers.len())] {
-            layer_norm(
-                rec,
-                &a.x,
-                &layer.ln1.weight,
-                &layer.ln1.bias,
-                &a.h,
-                self.eps,
-                NormOpts::default(),
-            )?;
-            layer.q.record(rec, &a.h, &a.q, Act::None, Combine::Store)?;
-            layer.k.record(rec, &a.h, &a.k, Act::None, Combine::Store)?;
-            layer.v.record(rec, &a.h, &a.v, Act::None, Combine::Store)?;
-            attention(rec, &a.q, &a.k, &a.v, &a.attn, &attn_opts)?;
-            layer
-                .o
-                .record(rec, &a.attn, &a.x, Act::None, Combine::Add)?;
-            layer_norm(
-                rec,
-                &a.x,
-                &layer.ln2.weight,
-                &layer.ln2.bias,
-                &a.h,
-                self.eps,
-                NormOpts::default(),
-            )?;
-            layer
-                .fc1
-                .record(rec, &a.h, &a.mlp, Act::GeluTanh, Combine::Store)?;
-            layer
-                .fc2
-                .record(rec, &a.mlp, &a.x, Act::None, Combine::Add)?;
-        }
-        if finish {
-            layer_norm(
-                rec,
-                &a.x,
-                &self.post.weight,
-                &self.post.bias,
-                &a.h,
-                self.eps,
-                NormOpts::default(),
-            )?;
-            self.proj
-                .record(rec, &a.h, &a.features, Act::None, Combine::Store)?;
-        }
-        Ok(())
+        let (ln1, ln2) = (&layer.ln1, &layer.ln2);
+        let all = NormOpts::default();
+        layer_norm(rec, &a.x, &ln1.weight, &ln1.bias, &a.h, self.eps, all)?;
+        layer.q.record(rec, &a.h, &a.q, Act::None, Combine::Store)?;
+        layer.k.record(rec, &a.h, &a.k, Act::None, Combine::Store)?;
+        layer.v.record(rec, &a.h, &a.v, Act::None, Combine::Store)?;
+        attention(rec, &a.q, &a.k, &a.v, &a.attn, &attn_opts)?;
+        layer
+            .o
+            .record(rec, &a.attn, &a.x, Act::None, Combine::Add)?;
+        layer_norm(rec, &a.x, &ln2.weight, &ln2.bias, &a.h, self.eps, all)?;
+        layer
+            .fc1
+            .record(rec, &a.h, &a.mlp, Act::GeluTanh, Combine::Store)?;
+        layer.fc2.record(rec, &a.mlp, &a.x, Act::None, Combine::Add)
+    }
+
+    /// The post-LayerNorm of `a.x`, then the projector into `features`.
+    fn record_projector(
+        &self,
+        rec: &mut Recorder,
+        a: &VisionActivations,
+        features: &Tensor,
+    ) -> Result<()> {
+        let post = &self.post;
+        let all = NormOpts::default();
+        layer_norm(rec, &a.x, &post.weight, &post.bias, &a.h, self.eps, all)?;
+        self.proj
+            .record(rec, &a.h, features, Act::None, Combine::Store)
     }
 
     /// Upload `pixels` into `a.pixels`, checking the resolution.
@@ -291,14 +337,47 @@ impl VisionTower {
         Ok(())
     }
 
-    /// Run the whole tower on one image and read back the projector output
-    /// `[num_patches, projection_dim]` (row-major).
+    /// Run the whole tower on `pixels` into `features` (see [`VisionTower::features`]), at
+    /// most `layers_per_submission` encoder layers per queue submission, each waited for
+    /// before the next is submitted (so that other work on the queue, such as an app's
+    /// rendering, runs in between). Counts one [`VisionTower::runs`].
+    pub fn encode_into(
+        &self,
+        gpu: &Gpu,
+        a: &VisionActivations,
+        pixels: &PixelValues,
+        features: &Tensor,
+        layers_per_submission: usize,
+    ) -> Result<()> {
+        self.upload(gpu, a, pixels)?;
+        let step = layers_per_submission.max(1);
+        let mut start = 0;
+        loop {
+            let end = (start + step).min(self.layers.len());
+            let mut rec = Recorder::new(gpu);
+            self.record_part(&mut rec, a, start..end, features)?;
+            rec.run()?;
+            if end == self.layers.len() {
+                break;
+            }
+            start = end;
+        }
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many times the whole tower has run through [`VisionTower::encode_into`] (tests
+    /// count it to show that image features are reused).
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// Run the whole tower on one image, one layer per submission, and read back the
+    /// projector output `[num_patches, projection_dim]` (row-major).
     pub fn encode(&self, gpu: &Gpu, pixels: &PixelValues) -> Result<Vec<f32>> {
         let a = self.activations(gpu)?;
-        self.upload(gpu, &a, pixels)?;
-        let mut rec = Recorder::new(gpu);
-        self.record(&mut rec, &a, self.layers.len(), true)?;
-        rec.run()?;
-        a.features.read(gpu)
+        let features = self.features(gpu)?;
+        self.encode_into(gpu, &a, pixels, &features, 1)?;
+        features.read(gpu)
     }
 }

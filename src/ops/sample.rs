@@ -1,5 +1,5 @@
 //! Greedy selection on the GPU (`shaders/sample.wgsl`): the argmax of a row of logits and
-//! its log-probability, so that a greedy decode step reads back 16 bytes.
+//! its log-probability, so that a greedy decode step reads back 16 bytes per sequence.
 
 use super::{check, u32_arg};
 use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
@@ -10,41 +10,58 @@ use crate::Result;
 struct Params {
     n: u32,
     row: u32,
-    pad: [u32; 2],
+    slot: u32,
+    pad: u32,
 }
 
-/// Record the greedy pick over row `row` of `logits` (f32 `[rows, vocab]`) into `out`
-/// (a U32 tensor of 4 values); read it with [`read_pick`].
-pub fn argmax_logprob(rec: &mut Recorder, logits: &Tensor, row: usize, out: &Tensor) -> Result<()> {
+/// Record the greedy pick over row `row` of `logits` (f32 `[rows, vocab]`) into slot `slot`
+/// of `out` (a U32 tensor of 4 values per slot); decode it with [`decode_pick`] (or read it
+/// with [`read_pick`]).
+pub fn argmax_logprob(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    row: usize,
+    out: &Tensor,
+    slot: usize,
+) -> Result<()> {
     const K: &str = "argmax_logprob";
     check(
         logits.dtype() == DType::F32 && row < logits.rows(),
         K,
         || format!("row {row} of {} is not an f32 row", logits.name()),
     )?;
-    check(out.dtype() == DType::U32 && out.numel() == 4, K, || {
-        format!("{} must be u32 [4]", out.name())
-    })?;
+    check(
+        out.dtype() == DType::U32 && out.numel() >= 4 * (slot + 1),
+        K,
+        || format!("{} must be u32 with room for slot {slot}", out.name()),
+    )?;
     let params = Params {
         n: u32_arg(K, "vocab", logits.cols())?,
         row: u32_arg(K, "row", row)?,
-        pad: [0; 2],
+        slot: u32_arg(K, "slot", slot)?,
+        pad: 0,
     };
     let key = KernelKey::new("sample", "argmax_lse");
     rec.dispatch(&key, &params, &[logits.buffer(), out.buffer()], [1, 1, 1])?;
     Ok(())
 }
 
-/// Read the result of [`argmax_logprob`]: the chosen id and its log-probability.
-pub fn read_pick(gpu: &Gpu, out: &Tensor) -> Result<(u32, f32)> {
-    let raw = gpu.read_bytes(out.buffer(), 0, 16)?;
-    let w: &[u32] = bytemuck::cast_slice(&raw);
+/// The chosen id and its log-probability from one slot's four words written by
+/// [`argmax_logprob`].
+pub fn decode_pick(words: &[u32]) -> (u32, f32) {
     let (best, max, sum) = (
-        f32::from_bits(w[1]),
-        f32::from_bits(w[2]),
-        f32::from_bits(w[3]),
+        f32::from_bits(words[1]),
+        f32::from_bits(words[2]),
+        f32::from_bits(words[3]),
     );
-    Ok((w[0], best - max - sum.ln()))
+    (words[0], best - max - sum.ln())
+}
+
+/// Read slot `slot` of the output of [`argmax_logprob`]: the chosen id and its
+/// log-probability.
+pub fn read_pick(gpu: &Gpu, out: &Tensor, slot: usize) -> Result<(u32, f32)> {
+    let raw = gpu.read_bytes(out.buffer(), 16 * slot as u64, 16)?;
+    Ok(decode_pick(bytemuck::cast_slice(&raw)))
 }
 
 /// CPU reference: the first index of the maximum and its log-softmax value.
@@ -63,16 +80,21 @@ mod tests {
         let gpu = gpu_with_limit(None);
         let n = logits.len() / rows;
         let t = Tensor::from_f32(&gpu, "logits", &[rows, n], logits).unwrap();
-        let out = Tensor::from_u32(&gpu, "pick", &[4], &[0; 4]).unwrap();
+        let out = Tensor::from_u32(&gpu, "pick", &[12], &[0; 12]).unwrap();
         let mut rec = Recorder::new(&gpu);
-        argmax_logprob(&mut rec, &t, row, &out).unwrap();
+        argmax_logprob(&mut rec, &t, row, &out, 2).unwrap();
         rec.run().unwrap();
-        let (id, lp) = read_pick(&gpu, &out).unwrap();
+        let (id, lp) = read_pick(&gpu, &out, 2).unwrap();
         let (want_id, want_lp) = argmax_logprob_ref(&logits[row * n..(row + 1) * n]);
         assert_eq!(id, want_id);
         assert!(
             (lp - want_lp).abs() < 1e-4 * (1.0 + want_lp.abs()),
             "{lp} vs {want_lp}"
+        );
+        assert_eq!(
+            read_pick(&gpu, &out, 0).unwrap().0,
+            0,
+            "other slots untouched"
         );
     }
 
@@ -99,13 +121,17 @@ mod tests {
         let out = Tensor::zeros(&gpu, "pick", &[4]).unwrap();
         let mut rec = Recorder::new(&gpu);
         assert!(
-            argmax_logprob(&mut rec, &t, 0, &out).is_err(),
+            argmax_logprob(&mut rec, &t, 0, &out, 0).is_err(),
             "f32 output is rejected"
         );
         let out = Tensor::from_u32(&gpu, "pick", &[4], &[0; 4]).unwrap();
         assert!(
-            argmax_logprob(&mut rec, &t, 1, &out).is_err(),
+            argmax_logprob(&mut rec, &t, 1, &out, 0).is_err(),
             "row out of range"
+        );
+        assert!(
+            argmax_logprob(&mut rec, &t, 0, &out, 1).is_err(),
+            "slot out of range"
         );
     }
 }

@@ -1,114 +1,7 @@
-//! The host-side scheduler: sampling, stopping and the per-token results.
+//! Choosing tokens from logits: greedy, temperature / top-k / top-p sampling, HF's repetition
+//! penalty, and log-probabilities.
 
-use serde::Serialize;
-
-use crate::{Error, Result};
-
-/// How the next token is chosen.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy (argmax); otherwise logits are divided by it before sampling.
-    pub temperature: f32,
-    /// Keep only the k most likely tokens (0 = no limit).
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p (1 = no limit).
-    pub top_p: f32,
-    /// Seed of the sampler's random numbers; equal seeds give equal outputs.
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Check the values are meaningful.
-    pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Request(format!(
-                "temperature {} must be a finite number >= 0",
-                self.temperature
-            )));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Request(format!(
-                "top-p {} must be in (0, 1]",
-                self.top_p
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Options of one generation request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateOptions {
-    /// Stop after this many new tokens.
-    pub max_new_tokens: usize,
-    /// Sampling; greedy by default.
-    pub sampling: SamplingParams,
-    /// Record the top-k log-probabilities of every step (0 = none).
-    pub top_logprobs: usize,
-    /// Stop at an end-of-sequence token (default true).
-    pub stop_at_eos: bool,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_new_tokens: 64,
-            sampling: SamplingParams::default(),
-            top_logprobs: 0,
-            stop_at_eos: true,
-        }
-    }
-}
-
-/// One generated token.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Step {
-    /// The chosen token id.
-    pub id: u32,
-    /// Its log-probability under the model (log-softmax of the f32 logits, no temperature).
-    pub logprob: f32,
-    /// The best `top_logprobs` (id, log-probability) pairs, best first.
-    pub top: Vec<(u32, f32)>,
-}
-
-/// Wall-clock timings of a request, in seconds (decode in tokens per second).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Timings {
-    /// Loading the model (0 when it was already loaded).
-    pub load_s: f64,
-    /// The vision tower and projector.
-    pub vision_s: f64,
-    /// The prompt prefill up to the first token's logits.
-    pub prefill_s: f64,
-    /// Decode throughput after the first token.
-    pub decode_tok_s: f64,
-}
-
-/// The result of a request.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Generation {
-    /// The answer, special tokens removed (`<loc>`/`<seg>` kept).
-    pub text: String,
-    /// The generated ids (an end-of-sequence token included when it was generated).
-    pub token_ids: Vec<u32>,
-    /// Length of the prompt in tokens, image tokens included.
-    pub prompt_tokens: usize,
-    /// Per-step details.
-    pub steps: Vec<Step>,
-    /// Timings.
-    pub timings: Timings,
-}
+use super::SamplingParams;
 
 /// SplitMix64: a tiny, fixed random generator so a seed means the same thing forever.
 struct Rng(u64);
@@ -215,9 +108,28 @@ pub fn logprobs(logits: &[f32], id: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
     (lp(id as usize), top)
 }
 
+/// HF's `RepetitionPenaltyLogitsProcessor`: every token id in `history` (the prompt, image
+/// placeholders included, and the tokens generated so far) has its logit divided by
+/// `penalty` if positive, multiplied by it if negative. `penalty` 1 changes nothing.
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = vec![false; logits.len()];
+    for &id in history {
+        let i = id as usize;
+        if i < logits.len() && !seen[i] {
+            seen[i] = true;
+            let v = logits[i];
+            logits[i] = if v < 0.0 { v * penalty } else { v / penalty };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generate::SamplingParams;
 
     #[test]
     fn greedy_is_argmax() {
@@ -270,6 +182,17 @@ mod tests {
             seed: 1,
         });
         assert!((0..50).all(|_| s.sample(&logits) == 0));
+    }
+
+    #[test]
+    fn repetition_penalty_follows_hf() {
+        let mut logits = vec![2.0f32, -1.0, 0.5, 3.0];
+        // Token 0 twice: penalised once, as HF gathers and scatters unique ids.
+        apply_repetition_penalty(&mut logits, &[0, 1, 0], 2.0);
+        assert_eq!(logits, vec![1.0, -2.0, 0.5, 3.0]);
+        let mut same = vec![2.0f32, -1.0];
+        apply_repetition_penalty(&mut same, &[0, 1], 1.0);
+        assert_eq!(same, vec![2.0, -1.0]);
     }
 
     #[test]

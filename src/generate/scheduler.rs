@@ -1,0 +1,682 @@
+//! The continuous-batching scheduler. Requests are submitted at any time; each
+//! [`Scheduler::step`] admits queued requests into free sequence slots (running their vision
+//! tower and prefill in bounded submissions), then runs one decode step for every live
+//! sequence together, and returns what happened as [`SchedulerEvent`]s. A finished or
+//! cancelled sequence frees its slot (and its KV cache) for the next request at once.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::sampling::{apply_repetition_penalty, logprobs, Sampler};
+use super::stop::StopText;
+use super::{FinishReason, GenerateOptions, Generation, Step, Timings};
+use crate::gpu::{Gpu, Plan, Recorder, Tensor};
+use crate::model::gemma::{Batch, Sequence};
+use crate::model::siglip::VisionActivations;
+use crate::model::PaliGemma;
+use crate::ops::sample::{argmax_logprob, decode_pick};
+use crate::processor::image::PixelValues;
+use crate::processor::prompt::TextStream;
+use crate::{Error, Result};
+
+/// Identifies a submitted request in the scheduler's events.
+pub type RequestId = u64;
+
+/// An image encoded once by the vision tower and projector, kept on the GPU, to answer any
+/// number of prompts about it without running the tower again (see
+/// [`PaliGemma::image_features`]). Only the features can be reused, not the KV cache: under
+/// PaliGemma's prefix-LM mask the image tokens attend to the prompt, so their keys and values
+/// depend on it. Cloning is cheap (the GPU buffer is shared).
+#[derive(Debug, Clone)]
+pub struct ImageFeatures {
+    pub(crate) tensor: Tensor,
+}
+
+impl ImageFeatures {
+    /// The features `[num_image_tokens, hidden]`.
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// Read them back, row-major f32 (before any scaling by the language model).
+    pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.tensor.read(gpu)
+    }
+}
+
+/// The image of a request.
+#[derive(Debug, Clone)]
+pub enum ImageInput {
+    /// Preprocessed pixels: the vision tower runs when the request is admitted.
+    Pixels(PixelValues),
+    /// Features computed before (shared between requests).
+    Features(ImageFeatures),
+}
+
+/// The prompt of a request.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// A task prefix such as `caption en` or `detect cat`, tokenized as HF's processor does.
+    Text(String),
+    /// Token ids with the image placeholders, `<bos>` and the text (see
+    /// [`PaliGemma::placeholder_prompt`]).
+    Ids(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The image.
+    pub image: ImageInput,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Decoding options.
+    pub options: GenerateOptions,
+}
+
+/// What a [`Scheduler::step`] reports.
+#[derive(Debug)]
+pub enum SchedulerEvent {
+    /// A new piece of request `id`'s answer.
+    Text {
+        /// The request.
+        id: RequestId,
+        /// The new text.
+        text: String,
+    },
+    /// Request `id` finished (see [`Generation::finish_reason`]) or failed; its last event.
+    Finished {
+        /// The request.
+        id: RequestId,
+        /// Its result.
+        result: Result<Generation>,
+    },
+}
+
+/// Settings of a [`Scheduler`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerOptions {
+    /// The most sequences decoding together; more requests wait in the queue. Each live
+    /// sequence holds its own KV cache. Default 16.
+    pub max_sequences: usize,
+    /// The most vision-encoder or decoder layers recorded into one queue submission while a
+    /// request's image and prompt are processed; each submission is waited for before the
+    /// next, so other work on the queue (an app's rendering) runs in between and no single
+    /// submission runs long enough to trip a GPU watchdog. A decode step (all layers, one
+    /// token per sequence) is always one submission. Default 1.
+    pub layers_per_submission: usize,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions {
+            max_sequences: 16,
+            layers_per_submission: 1,
+        }
+    }
+}
+
+struct Queued {
+    id: RequestId,
+    ids: Vec<u32>,
+    image: ImageInput,
+    options: GenerateOptions,
+}
+
+struct Live {
+    id: RequestId,
+    options: GenerateOptions,
+    seq: Sequence,
+    sampler: Sampler,
+    stream: TextStream,
+    stop: StopText,
+    out: Generation,
+    prompt_ids: Vec<u32>,
+    /// The token the next decode step feeds.
+    next: u32,
+    /// The first token, when it was chosen on the host at admission.
+    first: Option<Step>,
+    decode_start: Instant,
+    finished: Option<FinishReason>,
+}
+
+/// The steppable continuous-batching scheduler over one loaded model. Use it from one thread
+/// (it borrows the model; share the model with `Arc` and run the scheduler where it steps):
+///
+/// ```no_run
+/// # use paligemma::generate::*;
+/// # fn demo(model: &paligemma::model::PaliGemma, pixels: paligemma::processor::image::PixelValues) -> paligemma::Result<()> {
+/// let mut scheduler = Scheduler::new(model, SchedulerOptions::default())?;
+/// let id = scheduler.submit(Request {
+///     image: ImageInput::Pixels(pixels),
+///     prompt: Prompt::Text("caption en".into()),
+///     options: GenerateOptions::default(),
+/// })?;
+/// while !scheduler.is_idle() {
+///     for event in scheduler.step()? {
+///         match event {
+///             SchedulerEvent::Text { text, .. } => print!("{text}"),
+///             SchedulerEvent::Finished { result, .. } => println!("\n{:?}", result?.finish_reason),
+///         }
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Scheduler<'m> {
+    model: &'m PaliGemma,
+    opts: SchedulerOptions,
+    next_id: RequestId,
+    queue: VecDeque<Queued>,
+    live: Vec<Live>,
+    pending: Vec<SchedulerEvent>,
+    batch: Option<Batch>,
+    picks: Tensor,
+    readback: wgpu::Buffer,
+    plan: Option<Plan>,
+    vision: Option<VisionActivations>,
+}
+
+impl<'m> Scheduler<'m> {
+    /// A scheduler for `model`.
+    pub fn new(model: &'m PaliGemma, opts: SchedulerOptions) -> Result<Self> {
+        if opts.max_sequences == 0 || opts.layers_per_submission == 0 {
+            return Err(Error::Request(format!(
+                "a scheduler needs at least one sequence and one layer per submission ({opts:?})"
+            )));
+        }
+        let gpu = model.gpu();
+        let words = 4 * opts.max_sequences;
+        let picks = Tensor::from_u32(gpu, "picks", &[words], &vec![0; words])?;
+        let readback = gpu.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("picks readback"),
+            size: 4 * words as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Scheduler {
+            model,
+            opts,
+            next_id: 0,
+            queue: VecDeque::new(),
+            live: Vec::new(),
+            pending: Vec::new(),
+            batch: None,
+            picks,
+            readback,
+            plan: None,
+            vision: None,
+        })
+    }
+
+    /// The settings.
+    pub fn options(&self) -> SchedulerOptions {
+        self.opts
+    }
+
+    /// Queue a request; it is checked now (options, prompt, image size) and an invalid one is
+    /// refused with the reason. It joins the running batch at the next step with a free slot.
+    pub fn submit(&mut self, request: Request) -> Result<RequestId> {
+        let model = self.model;
+        let Request {
+            image,
+            prompt,
+            options,
+        } = request;
+        options.validate()?;
+        if !options.stop.is_empty() && model.prompts().is_err() {
+            return Err(Error::Request(
+                "stop strings need a model with a tokenizer".into(),
+            ));
+        }
+        let ids = match prompt {
+            Prompt::Text(text) => model.prompts()?.encode(&text)?,
+            Prompt::Ids(ids) => ids,
+        };
+        let config = &model.config;
+        let limit = config.text.max_position_embeddings;
+        if ids.len() + options.max_new_tokens > limit {
+            return Err(Error::Request(format!(
+                "the prompt has {} tokens; with {} new tokens that exceeds the model's {limit} positions",
+                ids.len(),
+                options.max_new_tokens
+            )));
+        }
+        let n_img = config.num_image_tokens();
+        if ids.len() <= n_img || ids[..n_img].iter().any(|&i| i != config.image_token_index) {
+            return Err(Error::Request(format!(
+                "the prompt must start with {n_img} image tokens followed by text"
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= config.text.vocab_size) {
+            return Err(Error::Request(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                config.text.vocab_size
+            )));
+        }
+        match &image {
+            ImageInput::Pixels(px) => {
+                let s = config.vision.image_size;
+                if px.height != s || px.width != s || px.data.len() != 3 * s * s {
+                    return Err(Error::Request(format!(
+                        "pixel values are {}×{}, the model expects {s}×{s}",
+                        px.height, px.width
+                    )));
+                }
+            }
+            ImageInput::Features(f) => {
+                let want = [n_img, config.text.hidden_size];
+                if f.tensor.shape() != want {
+                    return Err(Error::Request(format!(
+                        "image features of shape {:?}, the model needs {want:?}",
+                        f.tensor.shape()
+                    )));
+                }
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.push_back(Queued {
+            id,
+            ids,
+            image,
+            options,
+        });
+        Ok(id)
+    }
+
+    /// Cancel a queued or running request: its slot is freed at once and the next
+    /// [`Scheduler::step`] reports it finished with [`FinishReason::Cancelled`] and what it
+    /// had generated. Returns whether the request was still queued or running.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        if let Some(at) = self.queue.iter().position(|q| q.id == id) {
+            let q = self.queue.remove(at).expect("position is in range");
+            let out = Generation {
+                prompt_tokens: q.ids.len(),
+                finish_reason: FinishReason::Cancelled,
+                ..Default::default()
+            };
+            self.pending.push(SchedulerEvent::Finished {
+                id,
+                result: Ok(out),
+            });
+            return true;
+        }
+        if let Some(at) = self.live.iter().position(|l| l.id == id) {
+            let mut live = self.live.remove(at);
+            if live.finished.is_none() {
+                live.finished = Some(FinishReason::Cancelled);
+            }
+            let event = self.finish(live);
+            self.pending.push(event);
+            return true;
+        }
+        false
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Sequences decoding now.
+    pub fn live(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether there is nothing to do: no request queued or running and no event to report.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.live.is_empty() && self.pending.is_empty()
+    }
+
+    /// Admit queued requests into free slots (vision tower and prefill, in bounded
+    /// submissions), then decode one token for every live sequence in one submission.
+    /// Returns the text pieces and finished requests of this step. A request that fails
+    /// (for example its GPU memory cannot be allocated) finishes with its error; an error
+    /// of the shared decode step is returned and ends every live request.
+    pub fn step(&mut self) -> Result<Vec<SchedulerEvent>> {
+        let mut events = std::mem::take(&mut self.pending);
+        let mut first = Vec::new();
+        while self.live.len() < self.opts.max_sequences {
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            let id = q.id;
+            match self.admit(q) {
+                Ok(live) => {
+                    first.push(self.live.len());
+                    self.live.push(live);
+                }
+                Err(e) => events.push(SchedulerEvent::Finished { id, result: Err(e) }),
+            }
+        }
+        if !first.is_empty() {
+            let picks = self.read_picks(self.live.len())?;
+            for &slot in &first {
+                let step = match self.live[slot].first.take() {
+                    Some(step) => step,
+                    None => pick_step(slot, &picks),
+                };
+                self.push_token(slot, step, &mut events)?;
+            }
+        }
+        let stepping: Vec<usize> = (0..self.live.len())
+            .filter(|&i| self.live[i].finished.is_none())
+            .collect();
+        if !stepping.is_empty() {
+            if let Err(e) = self.decode(&stepping, &mut events) {
+                for live in self.live.drain(..) {
+                    events.push(SchedulerEvent::Finished {
+                        id: live.id,
+                        result: Err(Error::Gpu(format!("decode step failed: {e}"))),
+                    });
+                }
+                return Err(e);
+            }
+        }
+        let mut i = 0;
+        while i < self.live.len() {
+            if self.live[i].finished.is_some() {
+                let live = self.live.remove(i);
+                events.push(self.finish(live));
+            } else {
+                i += 1;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Run the vision tower (unless the request brings features) and the prefill of a
+    /// request, leaving the greedy pick of its first token in the slot it will occupy.
+    fn admit(&mut self, q: Queued) -> Result<Live> {
+        let model = self.model;
+        let gpu = &**model.gpu();
+        let (vision, text) = (model.vision_tower(), model.decoder());
+        let bound = self.opts.layers_per_submission;
+        let t0 = Instant::now();
+        let features = match q.image {
+            ImageInput::Features(f) => f.tensor,
+            ImageInput::Pixels(px) => {
+                if self.vision.is_none() {
+                    self.vision = Some(vision.activations(gpu)?);
+                }
+                let acts = self.vision.as_ref().expect("allocated above");
+                let features = vision.features(gpu)?;
+                vision.encode_into(gpu, acts, &px, &features, bound)?;
+                features
+            }
+        };
+        let vision_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut seq = text.sequence(gpu, q.ids.len(), q.options.max_new_tokens)?;
+        let mut prefill = text.prefill(gpu, &seq, &q.ids)?;
+        let slot = self.live.len();
+        loop {
+            let mut rec = Recorder::new(gpu);
+            let done =
+                text.record_prefill(&mut rec, &mut seq, &mut prefill, Some(&features), bound)?;
+            if done && !q.options.needs_logits() {
+                argmax_logprob(&mut rec, prefill.logits(), 0, &self.picks, slot)?;
+            }
+            rec.run()?;
+            if done {
+                break;
+            }
+        }
+        let mut out = Generation {
+            prompt_tokens: q.ids.len(),
+            timings: Timings {
+                vision_s,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut sampler = Sampler::new(q.options.sampling.clone());
+        let first = match q.options.needs_logits() {
+            true => {
+                let mut logits = prefill.logits().read(gpu)?;
+                Some(host_choice(&q.options, &q.ids, &mut sampler, &mut logits))
+            }
+            false => None,
+        };
+        out.timings.prefill_s = t1.elapsed().as_secs_f64();
+        Ok(Live {
+            id: q.id,
+            stop: StopText::new(&q.options.stop),
+            options: q.options,
+            seq,
+            sampler,
+            stream: TextStream::default(),
+            out,
+            prompt_ids: q.ids,
+            next: 0,
+            first,
+            decode_start: Instant::now(),
+            finished: None,
+        })
+    }
+
+    /// One decode step for the live sequences `stepping` (rows of the batch in that order).
+    fn decode(&mut self, stepping: &[usize], events: &mut Vec<SchedulerEvent>) -> Result<()> {
+        let model = self.model;
+        let gpu = &**model.gpu();
+        let text = model.decoder();
+        if self.batch.is_none() {
+            self.batch = Some(text.batch(gpu, self.opts.max_sequences)?);
+        }
+        let batch = self.batch.as_ref().expect("allocated above");
+        let ids: Vec<u32> = stepping.iter().map(|&i| self.live[i].next).collect();
+        let mut rec = Recorder::new(gpu);
+        {
+            let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(stepping.len());
+            let mut rest = self.live.iter_mut().enumerate();
+            for &i in stepping {
+                let (_, live) = rest.find(|(j, _)| *j == i).expect("stepping is sorted");
+                seqs.push(&mut live.seq);
+            }
+            text.record_step(&mut rec, batch, &mut seqs, &ids)?;
+        }
+        for (row, &i) in stepping.iter().enumerate() {
+            if !self.live[i].options.needs_logits() {
+                argmax_logprob(&mut rec, batch.logits(), row, &self.picks, row)?;
+            }
+        }
+        rec.finish_into(&mut self.plan)?;
+        let plan = self.plan.as_ref().expect("finish_into sets the plan");
+        let bytes = 16 * stepping.len() as u64;
+        plan.submit_with(gpu, |encoder| {
+            encoder.copy_buffer_to_buffer(self.picks.buffer(), 0, &self.readback, 0, bytes)
+        });
+        let picks = self.map_readback(bytes)?;
+        let mut steps = Vec::with_capacity(stepping.len());
+        for (row, &i) in stepping.iter().enumerate() {
+            let live = &mut self.live[i];
+            steps.push(match live.options.needs_logits() {
+                true => {
+                    let mut logits = batch.logits().read_rows(gpu, row, 1)?;
+                    let mut history = live.prompt_ids.clone();
+                    history.extend_from_slice(&live.out.token_ids);
+                    host_choice(&live.options, &history, &mut live.sampler, &mut logits)
+                }
+                false => pick_step(row, &picks),
+            });
+        }
+        for (step, &i) in steps.into_iter().zip(stepping) {
+            self.push_token(i, step, events)?;
+        }
+        Ok(())
+    }
+
+    /// Copy the first `slots` picks to the host (after a prefill).
+    fn read_picks(&self, slots: usize) -> Result<Vec<u32>> {
+        let gpu = &**self.model.gpu();
+        let bytes = 16 * slots as u64;
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("picks"),
+            });
+        encoder.copy_buffer_to_buffer(self.picks.buffer(), 0, &self.readback, 0, bytes);
+        gpu.submissions.count_submission(0);
+        gpu.queue.submit([encoder.finish()]);
+        self.map_readback(bytes)
+    }
+
+    /// Map the first `bytes` of the readback buffer after the submission that fills it.
+    fn map_readback(&self, bytes: u64) -> Result<Vec<u32>> {
+        let gpu = &**self.model.gpu();
+        let slice = self.readback.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the picks: {e}")))?;
+        let words = bytemuck::cast_slice(
+            &slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("reading the picks: {e}")))?,
+        )
+        .to_vec();
+        self.readback.unmap();
+        Ok(words)
+    }
+
+    /// Record `step` as live sequence `i`'s next token: stream its text, check the stop
+    /// conditions.
+    fn push_token(
+        &mut self,
+        i: usize,
+        mut step: Step,
+        events: &mut Vec<SchedulerEvent>,
+    ) -> Result<()> {
+        let model = self.model;
+        let prompts = model.prompts().ok();
+        let eos = &model.config.eos_token_ids;
+        let live = &mut self.live[i];
+        let id = step.id;
+        if let Some(p) = prompts {
+            step.text = p
+                .id_to_token(id)
+                .unwrap_or_default()
+                .replace('\u{2581}', " ");
+        }
+        live.out.steps.push(step);
+        live.out.token_ids.push(id);
+        live.next = id;
+        if live.out.token_ids.len() == 1 {
+            live.decode_start = Instant::now();
+        }
+        if live.options.stop_at_eos && eos.contains(&id) {
+            live.finished = Some(FinishReason::Eos);
+        } else if let Some(p) = prompts {
+            if let Some(delta) = live.stream.push(p, id)? {
+                let (emit, hit) = live.stop.push(&delta);
+                if !emit.is_empty() {
+                    events.push(SchedulerEvent::Text {
+                        id: live.id,
+                        text: emit,
+                    });
+                }
+                if hit {
+                    live.finished = Some(FinishReason::Stop);
+                }
+            }
+        }
+        if live.finished.is_none() && live.out.token_ids.len() >= live.options.max_new_tokens {
+            live.finished = Some(FinishReason::Length);
+        }
+        if live.finished.is_some() && !live.stop.stopped() {
+            let rest = live.stop.flush();
+            if !rest.is_empty() {
+                events.push(SchedulerEvent::Text {
+                    id: live.id,
+                    text: rest,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The result of a sequence that left the batch (its KV cache is freed with it).
+    fn finish(&self, live: Live) -> SchedulerEvent {
+        let Live {
+            id,
+            mut out,
+            stop,
+            finished,
+            decode_start,
+            ..
+        } = live;
+        out.finish_reason = finished.unwrap_or(FinishReason::Cancelled);
+        out.completion_tokens = out.token_ids.len();
+        let decoded = out.token_ids.len().saturating_sub(1);
+        let secs = decode_start.elapsed().as_secs_f64();
+        out.timings.decode_tok_s = if decoded > 0 && secs > 0.0 {
+            decoded as f64 / secs
+        } else {
+            0.0
+        };
+        let result = match self.model.prompts() {
+            Ok(_) if stop.stopped() => {
+                out.text = stop.text().to_string();
+                Ok(out)
+            }
+            Ok(p) => p
+                .decode(&out.token_ids)
+                .map(|text| Generation { text, ..out }),
+            Err(_) => Ok(out),
+        };
+        SchedulerEvent::Finished { id, result }
+    }
+}
+
+impl From<ImageFeatures> for ImageInput {
+    fn from(f: ImageFeatures) -> Self {
+        ImageInput::Features(f)
+    }
+}
+
+impl From<PixelValues> for ImageInput {
+    fn from(px: PixelValues) -> Self {
+        ImageInput::Pixels(px)
+    }
+}
+
+/// A step from the GPU's greedy pick in slot `slot` of `picks`.
+fn pick_step(slot: usize, picks: &[u32]) -> Step {
+    let (id, logprob) = decode_pick(&picks[4 * slot..4 * slot + 4]);
+    Step {
+        id,
+        text: String::new(),
+        logprob,
+        top: Vec::new(),
+    }
+}
+
+/// Choose on the host: log-probabilities of the raw logits, then HF's repetition penalty over
+/// `history` (prompt and generated tokens), then the sampler.
+fn host_choice(
+    options: &GenerateOptions,
+    history: &[u32],
+    sampler: &mut Sampler,
+    logits: &mut [f32],
+) -> Step {
+    let id_and_top = |logits: &[f32], id| logprobs(logits, id, options.top_logprobs);
+    let (id, (logprob, top)) = if options.repetition_penalty != 1.0 {
+        let raw = logits.to_vec();
+        apply_repetition_penalty(logits, history, options.repetition_penalty);
+        let id = sampler.sample(logits);
+        (id, id_and_top(&raw, id))
+    } else {
+        let id = sampler.sample(logits);
+        (id, id_and_top(logits, id))
+    };
+    Step {
+        id,
+        text: String::new(),
+        logprob,
+        top,
+    }
+}
