@@ -508,3 +508,162 @@ fn batch_file_gives_each_answer_in_order() {
         &["line 1", "prompt"],
     );
 }
+
+fn shapes_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-shapes")
+}
+
+fn scene(i: usize) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("assets/scenes/scene_{i:03}.png"))
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// Bad lines of a batch file (missing image, not JSON, no prompt) give an error object in
+/// their place while the others are answered; the job ends with exit code 1. `--shard I/N`
+/// takes every N-th line.
+#[test]
+fn batch_file_reports_bad_lines_in_place_and_shards() {
+    let tmp = TempDir::new("batch-bad");
+    let file = tmp.0.join("requests.jsonl");
+    let good = |i: usize| serde_json::json!({"image": scene(i), "prompt": "detect square"});
+    let lines = [
+        good(0).to_string(),
+        serde_json::json!({"image": tmp.0.join("missing.png"), "prompt": "caption en"}).to_string(),
+        "{not json".to_string(),
+        good(1).to_string(),
+        String::new(),
+        serde_json::json!({"image": scene(2)}).to_string(),
+        good(2).to_string(),
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let m = shapes_model();
+    let base = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--batch",
+        file.to_str().unwrap(),
+        "--json",
+        "--max-batch",
+        "2",
+    ];
+    let o = run(&base, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+    let out = json_lines(&o);
+    assert_eq!(out.len(), 6, "one line per non-empty input line");
+    let error = |v: &serde_json::Value| v["error"].as_str().unwrap_or("").to_string();
+    assert!(error(&out[1]).contains("line 2"), "{}", out[1]);
+    assert!(error(&out[1]).contains("missing.png"), "{}", out[1]);
+    assert!(error(&out[2]).contains("line 3"), "{}", out[2]);
+    assert!(error(&out[4]).contains("line 6") && error(&out[4]).contains("prompt"));
+    for (at, scene_index) in [(0, 0), (3, 1), (5, 2)] {
+        assert_eq!(out[at]["finish_reason"], "eos", "{}", out[at]);
+        let single = run(
+            &[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--image",
+                scene(scene_index).to_str().unwrap(),
+                "--prompt",
+                "detect square",
+                "--json",
+            ],
+            &[],
+        );
+        assert!(single.status.success(), "{}", stderr(&single));
+        assert_eq!(out[at]["token_ids"], json_lines(&single)[0]["token_ids"]);
+    }
+    // Lines 0, 2, 4, 6 (the empty line 4 is skipped): two answers and one error.
+    let mut sharded = base.to_vec();
+    sharded.extend(["--shard", "0/2"]);
+    let o = run(&sharded, &[]);
+    let shard = json_lines(&o);
+    assert_eq!(shard.len(), 3);
+    assert_eq!(shard[0]["token_ids"], out[0]["token_ids"]);
+    assert!(error(&shard[1]).contains("line 3"));
+    assert_eq!(shard[2]["token_ids"], out[5]["token_ids"]);
+    let mut bad_shard = base.to_vec();
+    bad_shard.extend(["--shard", "2/2"]);
+    let o = run(&bad_shard, &[]);
+    assert_eq!(o.status.code(), Some(2), "clap rejects the value");
+    assert!(stderr(&o).contains("I/N"), "{}", stderr(&o));
+}
+
+/// Several `--prompt`s about one image are answered in order, each as it would be alone;
+/// `--stop` ends an answer before its string, and the JSON says why each answer ended.
+#[test]
+fn several_prompts_stop_strings_and_finish_reasons() {
+    let m = shapes_model();
+    let img = scene(0);
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let go = |extra: &[&str]| {
+        let a = args(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = run(&a, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    let both = json_lines(&go(&[
+        "--prompt",
+        "detect square",
+        "--prompt",
+        "caption en",
+        "--json",
+    ]));
+    assert_eq!(both.len(), 2);
+    let first = json_lines(&go(&["--prompt", "detect square", "--json"]));
+    let second = json_lines(&go(&["--prompt", "caption en", "--json"]));
+    assert_eq!(both[0]["token_ids"], first[0]["token_ids"]);
+    assert_eq!(both[1]["token_ids"], second[0]["token_ids"]);
+    assert_eq!(
+        both[0]["text"],
+        "<loc0238><loc0178><loc0544><loc0544> square"
+    );
+    assert_eq!(both[0]["completion_tokens"], 6);
+    assert_eq!(both[0]["steps"][4]["text"], " square");
+    assert_eq!(both[0]["steps"][5]["text"], "<eos>");
+    let text =
+        String::from_utf8(go(&["--prompt", "detect square", "--prompt", "caption en"]).stdout)
+            .unwrap();
+    let answers: Vec<&str> = text.lines().collect();
+    assert_eq!(answers[0], first[0]["text"].as_str().unwrap());
+    assert_eq!(answers[1], second[0]["text"].as_str().unwrap());
+    let stopped = json_lines(&go(&[
+        "--prompt",
+        "detect square",
+        "--stop",
+        "<loc0544>",
+        "--json",
+    ]));
+    assert_eq!(stopped[0]["text"], "<loc0238><loc0178>");
+    assert_eq!(stopped[0]["finish_reason"], "stop");
+    let short = json_lines(&go(&[
+        "--prompt",
+        "detect square",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]));
+    assert_eq!(short[0]["finish_reason"], "length");
+    let a = args(&["--prompt", "caption en", "--repetition-penalty=-1"]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    assert_fails(&run(&a, &[]), &["repetition penalty"]);
+}
