@@ -357,7 +357,7 @@ fn parse_cli_writes_json_annotation_and_masks() {
     assert!(dir.0.join("a.png").is_file());
     assert!(dir.0.join("m/01_big_dog.png").is_file());
 
-    // Masks asked for without the decoder: a clear error, exit 1, no panic.
+    // Masks asked for without the decoder: a usage error naming the flag, exit 2, no panic.
     let out = Command::new(bin)
         .args(["parse", "--text", &answer(), "--image"])
         .arg(chelsea())
@@ -366,7 +366,7 @@ fn parse_cli_writes_json_annotation_and_masks() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("--vae") && !stderr.contains("panicked"),
         "{stderr}"

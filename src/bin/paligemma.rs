@@ -180,8 +180,8 @@ struct TaskArgs {
     /// Write the image with the boxes, labels and masks drawn (PNG).
     #[arg(long, value_name = "OUT.png")]
     annotate: Option<PathBuf>,
-    /// Write one 8-bit mask PNG (0/255) per decoded mask into this directory.
-    #[arg(long, value_name = "DIR")]
+    /// Write one 8-bit mask PNG (0/255) per decoded mask into this directory (needs --vae).
+    #[arg(long, value_name = "DIR", requires = "vae")]
     mask_dir: Option<PathBuf>,
 }
 

@@ -248,16 +248,20 @@ impl Plan {
         gpu.queue.submit([encoder.finish()])
     }
 
-    /// Submit and wait for completion.
+    /// Submit and wait for completion (the time this takes is the longest-submission figure
+    /// of [`SubmissionStats`]).
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        let start = std::time::Instant::now();
         self.submit(gpu);
-        gpu.wait()
+        gpu.wait()?;
+        gpu.submissions.count_run(start.elapsed());
+        Ok(())
     }
 }
 
 /// How much work went to the GPU: counted by [`Gpu`] for every submission and blocking wait
 /// of the crate. Read with [`Gpu::submission_stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct SubmissionStats {
     /// Queue submissions (plans, readback copies and upload flushes).
     pub submissions: u64,
@@ -267,6 +271,8 @@ pub struct SubmissionStats {
     pub max_dispatches: u64,
     /// Blocking waits for the device.
     pub waits: u64,
+    /// The longest a plan took from submission to completion ([`Plan::run`]), seconds.
+    pub longest_run_s: f64,
 }
 
 /// The atomic counters behind [`SubmissionStats`].
@@ -276,6 +282,7 @@ pub(crate) struct SubmissionCounters {
     dispatches: AtomicU64,
     max_dispatches: AtomicU64,
     waits: AtomicU64,
+    longest_run_ns: AtomicU64,
 }
 
 impl SubmissionCounters {
@@ -285,6 +292,11 @@ impl SubmissionCounters {
             .fetch_add(dispatches as u64, Ordering::Relaxed);
         self.max_dispatches
             .fetch_max(dispatches as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_run(&self, took: std::time::Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.longest_run_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
     pub(crate) fn count_wait(&self) {
@@ -297,6 +309,7 @@ impl SubmissionCounters {
             dispatches: self.dispatches.load(Ordering::Relaxed),
             max_dispatches: self.max_dispatches.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
+            longest_run_s: self.longest_run_ns.load(Ordering::Relaxed) as f64 * 1e-9,
         }
     }
 
@@ -306,6 +319,7 @@ impl SubmissionCounters {
             &self.dispatches,
             &self.max_dispatches,
             &self.waits,
+            &self.longest_run_ns,
         ] {
             c.store(0, Ordering::Relaxed);
         }

@@ -176,13 +176,13 @@ pub fn process_answer(
             }
             None if options.mask_dir.is_some() => {
                 return Err(Error::Request(format!(
-                    "{} object(s) have <seg> mask tokens; pass --vae with big_vision's \
-                     vae-oid.npz to decode their masks",
+                    "{} object(s) have <seg> mask tokens; writing their masks needs the mask \
+                     decoder (big_vision's vae-oid.npz)",
                     with_codes.len()
                 )))
             }
             None if options.annotate.is_some() => log::warn!(
-                "{} object(s) have <seg> mask tokens but no --vae was given: masks not drawn",
+                "{} object(s) have <seg> mask tokens but no mask decoder was given: masks not drawn",
                 with_codes.len()
             ),
             None => {}
