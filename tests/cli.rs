@@ -1,22 +1,17 @@
 //! The `paligemma` binary end to end: outputs against the HF fixtures, and every kind of bad
 //! input giving a clear message and a non-zero exit (never a panic).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{fixture_image as image, fixtures};
 use paligemma::npy;
 use safetensors::SafeTensors;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn model() -> PathBuf {
-    fixtures().join("models/tiny-mqa-f32")
-}
-
-fn image(name: &str) -> PathBuf {
-    fixtures().join("images").join(name)
+    common::fixture_model("tiny-mqa-f32")
 }
 
 fn run(args: &[&str], envs: &[(&str, &Path)]) -> Output {

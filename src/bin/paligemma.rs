@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use paligemma::generate::{GenerateOptions, SamplingParams};
 use paligemma::gpu::{Gpu, GpuOptions};
-use paligemma::model::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma, WeightFormat};
+use paligemma::model::{
+    resolve_model_dir, ImageEncoder, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
+};
 use paligemma::tasks::{process_answer, OutputOptions};
 
 #[derive(Parser)]
@@ -185,6 +187,61 @@ fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
     Ok(gpu)
 }
 
+/// The global flags that shape a load.
+struct LoadFlags {
+    adapter: Option<PathBuf>,
+    weights: WeightFormat,
+}
+
+/// Load `dir` on `gpu` with `build` (the whole model or the image encoder), drawing the
+/// weights progress bar on stderr from the builder's reports and clearing it at the end.
+fn load_with_bar<T>(
+    gpu: std::sync::Arc<Gpu>,
+    dir: &std::path::Path,
+    flags: &LoadFlags,
+    build: fn(ModelBuilder) -> paligemma::Result<T>,
+) -> Result<T> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "loading weights {bar:40} {bytes}/{total_bytes} ({eta})",
+        )
+        .expect("valid template"),
+    );
+    let draw = bar.clone();
+    let mut builder = ModelBuilder::new(dir)
+        .gpu(gpu)
+        .weights(flags.weights)
+        .on_progress(move |p: &LoadProgress| {
+            draw.set_length(p.bytes_total);
+            draw.set_position(p.bytes_done);
+        });
+    if let Some(adapter) = &flags.adapter {
+        builder = builder.adapter(adapter);
+    }
+    let result = build(builder);
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// Load the whole model in `dir` on `gpu`.
+fn load_model(
+    gpu: std::sync::Arc<Gpu>,
+    dir: &std::path::Path,
+    flags: &LoadFlags,
+) -> Result<PaliGemma> {
+    load_with_bar(gpu, dir, flags, ModelBuilder::build)
+}
+
+/// Load the vision tower and projector of the model in `dir` on `gpu`.
+fn load_encoder(
+    gpu: std::sync::Arc<Gpu>,
+    dir: &std::path::Path,
+    flags: &LoadFlags,
+) -> Result<ImageEncoder> {
+    load_with_bar(gpu, dir, flags, ModelBuilder::build_encoder)
+}
+
 /// Read a JSON-lines batch file of {"image": PATH, "prompt": TEXT} objects.
 fn read_batch(path: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
     let text =
@@ -211,17 +268,15 @@ fn read_batch(path: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let load = LoadOptions {
-        progress: true,
+    let load = LoadFlags {
         adapter: cli.adapter.clone(),
         weights: cli.weights,
-        ..Default::default()
     };
     match cli.command {
         Command::EncodeImage { model, image, out } => {
             let dir = resolve_model_dir(&model)?;
             let gpu = open_gpu(cli.max_binding)?;
-            let encoder = ImageEncoder::load_on(gpu, &dir, &load)?;
+            let encoder = load_encoder(gpu, &dir, &load)?;
             let pixels = encoder.images.load(&image)?;
             let features = encoder.encode(&pixels)?;
             let shape = [
@@ -264,7 +319,7 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::bail!("--vae, --annotate and --mask-dir work on single requests, not with --batch");
                 }
                 let lines = read_batch(&file)?;
-                let model = PaliGemma::load_with(gpu, &dir, &load)?;
+                let model = load_model(gpu, &dir, &load)?;
                 let mut requests = Vec::with_capacity(lines.len());
                 for (image, prompt) in lines {
                     requests.push((model.images.load(&image)?, prompt));
@@ -282,7 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             let (Some(image), Some(prompt)) = (image, prompt) else {
                 anyhow::bail!("--image and --prompt are required without --batch");
             };
-            let model = PaliGemma::load_with(gpu, &dir, &load)?;
+            let model = load_model(gpu, &dir, &load)?;
             let pixels = model.images.load(&image)?;
             let mut stdout = std::io::stdout();
             let mut on_text = |t: &str| {
