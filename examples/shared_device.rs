@@ -69,7 +69,7 @@ fn main() -> Result<()> {
         frames += 1;
         if let Some(p) = loading.progress() {
             eprint!(
-                "\rframe {frames}: loading {:3}% ({})",
+                "\rframe {frames}: loading {:3}% {:<64}",
                 100 * p.bytes_done / p.bytes_total.max(1),
                 p.tensor
             );
