@@ -151,7 +151,9 @@ impl ModelBuilder {
         self
     }
 
-    /// Call `f` as the weights load (on the loading thread), at least once per tensor.
+    /// Call `f` on the loading thread as the weights load: after each tensor of the checkpoint
+    /// and every 16 MiB within a large one (see [`LoadProgress`]; synthetic models report
+    /// nothing).
     pub fn on_progress(mut self, f: impl FnMut(&LoadProgress) + Send + 'static) -> Self {
         self.on_progress = Some(Box::new(f));
         self

@@ -48,7 +48,7 @@ impl Iterator for GenerationStream {
     }
 }
 
-/// A loaded PaliGemma model.
+/// A loaded PaliGemma model ([`super::ModelBuilder`] loads one).
 pub struct PaliGemma {
     gpu: Arc<Gpu>,
     /// The parsed `config.json`.
