@@ -12,7 +12,7 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Parser;
 use paligemma::generate::GenerateOptions;
-use paligemma::model::{resolve_model_dir, LoadOptions, PaliGemma};
+use paligemma::model::{resolve_model_dir, ModelBuilder};
 
 #[derive(Parser)]
 struct Args {
@@ -30,13 +30,15 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let dir = resolve_model_dir(&args.model)?;
-    let model = PaliGemma::load(
-        &dir,
-        &LoadOptions {
-            progress: true,
-            ..Default::default()
-        },
-    )?;
+    let model = ModelBuilder::new(dir)
+        .on_progress(|p| {
+            eprint!(
+                "\rloading weights {:3}%",
+                100 * p.bytes_done / p.bytes_total
+            )
+        })
+        .build()?;
+    eprintln!();
     eprintln!("adapter: {}", model.gpu().describe());
     let pixels = model.images.load(&args.image)?;
     let options = GenerateOptions {

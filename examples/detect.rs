@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use paligemma::generate::GenerateOptions;
-use paligemma::model::{resolve_model_dir, LoadOptions, PaliGemma};
+use paligemma::model::{resolve_model_dir, ModelBuilder};
 use paligemma::processor::image::decode_image;
 use paligemma::tasks::{annotate, parse_answer};
 
@@ -39,7 +39,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let model = PaliGemma::load(&resolve_model_dir(&args.model)?, &LoadOptions::default())?;
+    let model = ModelBuilder::new(resolve_model_dir(&args.model)?).build()?;
     let pixels = model.images.load(&args.image)?;
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,

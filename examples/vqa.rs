@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::Parser;
 use paligemma::generate::{Event, GenerateOptions};
-use paligemma::model::{resolve_model_dir, LoadOptions, PaliGemma};
+use paligemma::model::{resolve_model_dir, ModelBuilder};
 
 #[derive(Parser)]
 struct Args {
@@ -31,7 +31,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let dir = resolve_model_dir(&args.model)?;
-    let model = Arc::new(PaliGemma::load(&dir, &LoadOptions::default())?);
+    let model = Arc::new(ModelBuilder::new(dir).build()?);
     eprintln!("adapter: {}", model.gpu().describe());
     let pixels = model.images.load(&args.image)?;
     let questions = if args.questions.is_empty() {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::generate::{GenerateOptions, Generation, Timings};
 use crate::gpu::{Gpu, KernelKey, Recorder, Tensor};
-use crate::model::{LoadOptions, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
+use crate::model::{ModelBuilder, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
 use crate::processor::image::PixelValues;
 use crate::{Error, Result};
 
@@ -375,21 +375,20 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Resul
     let created = gpu.bytes_created();
     let start = Instant::now();
     let (model, label) = match &opts.model {
-        Some(dir) => {
-            let load = LoadOptions {
-                progress: true,
-                weights: format,
-                ..Default::default()
-            };
-            (
-                PaliGemma::load_with(gpu.clone(), dir, &load)?,
-                dir.display().to_string(),
-            )
-        }
+        Some(dir) => (
+            ModelBuilder::new(dir)
+                .gpu(gpu.clone())
+                .weights(format)
+                .build()?,
+            dir.display().to_string(),
+        ),
         None => {
             let config = synthetic_config(opts.layers, opts.text_layers.unwrap_or(opts.layers))?;
             let label = "synthetic PaliGemma-3B-224 shapes, random weights".to_string();
-            let model = PaliGemma::synthetic_with(gpu.clone(), config, opts.seed, format)?;
+            let model = ModelBuilder::synthetic(config, opts.seed)
+                .gpu(gpu.clone())
+                .weights(format)
+                .build()?;
             (model, label)
         }
     };

@@ -47,6 +47,10 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// A load was cancelled through its [`crate::model::CancelToken`]; everything it had
+    /// allocated has been freed.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl Error {

@@ -1,22 +1,17 @@
 //! The `paligemma` binary end to end: outputs against the HF fixtures, and every kind of bad
 //! input giving a clear message and a non-zero exit (never a panic).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{fixture_image as image, fixtures};
 use paligemma::npy;
 use safetensors::SafeTensors;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn model() -> PathBuf {
-    fixtures().join("models/tiny-mqa-f32")
-}
-
-fn image(name: &str) -> PathBuf {
-    fixtures().join("images").join(name)
+    common::fixture_model("tiny-mqa-f32")
 }
 
 fn run(args: &[&str], envs: &[(&str, &Path)]) -> Output {
@@ -509,14 +504,6 @@ fn batch_file_gives_each_answer_in_order() {
     );
 }
 
-fn shapes_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-shapes")
-}
-
-fn scene(i: usize) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("assets/scenes/scene_{i:03}.png"))
-}
-
 fn json_lines(o: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -531,18 +518,18 @@ fn json_lines(o: &Output) -> Vec<serde_json::Value> {
 fn batch_file_reports_bad_lines_in_place_and_shards() {
     let tmp = TempDir::new("batch-bad");
     let file = tmp.0.join("requests.jsonl");
-    let good = |i: usize| serde_json::json!({"image": scene(i), "prompt": "detect square"});
+    let good = |i: usize| serde_json::json!({"image": common::scene(i), "prompt": "detect square"});
     let lines = [
         good(0).to_string(),
         serde_json::json!({"image": tmp.0.join("missing.png"), "prompt": "caption en"}).to_string(),
         "{not json".to_string(),
         good(1).to_string(),
         String::new(),
-        serde_json::json!({"image": scene(2)}).to_string(),
+        serde_json::json!({"image": common::scene(2)}).to_string(),
         good(2).to_string(),
     ];
     std::fs::write(&file, lines.join("\n")).unwrap();
-    let m = shapes_model();
+    let m = common::shapes_model();
     let base = [
         "generate",
         "--model",
@@ -571,7 +558,7 @@ fn batch_file_reports_bad_lines_in_place_and_shards() {
                 "--model",
                 m.to_str().unwrap(),
                 "--image",
-                scene(scene_index).to_str().unwrap(),
+                common::scene(scene_index).to_str().unwrap(),
                 "--prompt",
                 "detect square",
                 "--json",
@@ -601,8 +588,8 @@ fn batch_file_reports_bad_lines_in_place_and_shards() {
 /// `--stop` ends an answer before its string, and the JSON says why each answer ended.
 #[test]
 fn several_prompts_stop_strings_and_finish_reasons() {
-    let m = shapes_model();
-    let img = scene(0);
+    let m = common::shapes_model();
+    let img = common::scene(0);
     let args = |extra: &[&str]| {
         let mut a = vec![
             "generate",

@@ -3,8 +3,10 @@
 //! per tower: runs the vision tower, a 266-token prefill and decode steps on the real shapes,
 //! and checks logits from every chunk of the split LM head against a host dot product.
 
+mod common;
+
 use paligemma::generate::argmax;
-use paligemma::gpu::{Gpu, GpuOptions, Recorder};
+use paligemma::gpu::Recorder;
 use paligemma::model::gemma::Gemma;
 use paligemma::model::siglip::VisionTower;
 use paligemma::model::{Checkpoint, PaliGemmaConfig};
@@ -18,7 +20,7 @@ const CONFIG: &str = r#"{"model_type": "paligemma", "image_token_index": 257152,
 
 #[test]
 fn paligemma_3b_shapes_run_prefill_and_decode() {
-    let gpu = Gpu::new(GpuOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let gpu = common::gpu(None);
     let config = PaliGemmaConfig::from_json(CONFIG).unwrap();
     let ck = Checkpoint::synthetic(7);
     let vision = VisionTower::load(&ck, &gpu, &config).unwrap();
@@ -107,7 +109,7 @@ fn paligemma_3b_shapes_run_prefill_and_decode() {
 /// layer: attention over 4096 tokens runs in key blocks, with no 4096² score matrix anywhere.
 #[test]
 fn vision_tower_at_896_px() {
-    let gpu = Gpu::new(GpuOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let gpu = common::gpu(None);
     let json = CONFIG.replace("\"image_size\": 224", "\"image_size\": 896");
     let config = PaliGemmaConfig::from_json(&json).unwrap();
     assert_eq!(config.num_image_tokens(), 4096);

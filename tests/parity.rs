@@ -3,13 +3,15 @@
 //! and 20 greedy steps with their top-5 log-probabilities. Every model runs twice: with the
 //! device's binding limit and with weights forced into 64 KiB bindings (the split path).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
 
+use std::path::PathBuf;
+
+use common::{fixtures, gpu};
 use paligemma::generate::GenerateOptions;
-use paligemma::gpu::{Gpu, GpuOptions, Recorder};
+use paligemma::gpu::Recorder;
 use paligemma::model::siglip::VisionTower;
-use paligemma::model::{Checkpoint, LoadOptions, PaliGemma, PaliGemmaConfig};
+use paligemma::model::{Checkpoint, ModelBuilder, PaliGemmaConfig};
 use paligemma::npy;
 use paligemma::processor::image::PixelValues;
 
@@ -20,17 +22,6 @@ const PAIRS: &[(&str, &str, &str)] = &[
     ("astronaut", "astronaut.png", "caption en"),
     ("chelsea", "chelsea.jpg", "answer en what is in the image?"),
 ];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn gpu(limit: Option<u64>) -> Arc<Gpu> {
-    Gpu::new(GpuOptions {
-        weight_binding_limit: limit,
-    })
-    .unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn read_f32(path: PathBuf) -> npy::NpyArray<f32> {
     npy::read_f32(&path).unwrap_or_else(|e| panic!("{e}"))
@@ -103,12 +94,13 @@ fn check_generation(model: &str, limit: Option<u64>) {
 /// (whose own `ref/` then holds the expected outputs of the merged model).
 fn check_generation_with(model: &str, adapter: Option<&str>, limit: Option<u64>) {
     let dir = fixtures().join("models").join(model);
-    let options = LoadOptions {
-        adapter: adapter.map(|a| fixtures().join("adapters").join(a)),
-        ..Default::default()
-    };
-    let pg = PaliGemma::load_with(gpu(limit), &dir, &options).unwrap();
-    let ref_dir = options.adapter.clone().unwrap_or_else(|| dir.clone());
+    let adapter = adapter.map(|a| fixtures().join("adapters").join(a));
+    let mut builder = ModelBuilder::new(&dir).gpu(gpu(limit));
+    if let Some(a) = &adapter {
+        builder = builder.adapter(a);
+    }
+    let pg = builder.build().unwrap();
+    let ref_dir = adapter.clone().unwrap_or_else(|| dir.clone());
     // HF's adapter outputs use the merged f32 weights, which the engine stores in f16; the
     // fixture also has the log-probabilities of HF with the merged weights rounded to f16
     // (`*_f16merged`), compared at the base models' tolerance.
@@ -284,7 +276,7 @@ fn lora_adapter_generation() {
 /// with the sampler on the host (top-5) and with the greedy pick on the GPU.
 fn check_batch(model: &str) {
     let dir = fixtures().join("models").join(model);
-    let pg = PaliGemma::load_on(gpu(None), &dir, false).unwrap();
+    let pg = common::load(&gpu(None), &dir);
     let astronaut = ref_pixels(model, "astronaut");
     let chelsea = ref_pixels(model, "chelsea");
     let requests = vec![

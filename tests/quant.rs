@@ -13,16 +13,19 @@
 //! The fixtures are random-weight models at toy widths with deliberately large init gains
 //! (see the floors below); the figures are printed (`--nocapture`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use common::{fixtures, gpu};
 use paligemma::generate::{argmax, logprobs, GenerateOptions};
 use paligemma::gpu::quantize::fake_quantize;
-use paligemma::gpu::{DType, Gpu, GpuOptions, Recorder};
+use paligemma::gpu::{DType, Gpu, Recorder};
 use paligemma::model::gemma::Gemma;
 use paligemma::model::siglip::VisionTower;
-use paligemma::model::{Checkpoint, LoadOptions, PaliGemma, PaliGemmaConfig, WeightFormat};
+use paligemma::model::{Checkpoint, ModelBuilder, PaliGemma, PaliGemmaConfig, WeightFormat};
 use paligemma::npy;
 use paligemma::processor::image::PixelValues;
 use safetensors::tensor::TensorView;
@@ -44,24 +47,8 @@ const PAIRS: &[(&str, &str, &str)] = &[
 
 const STEPS: usize = 20;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn gpu(limit: Option<u64>) -> Arc<Gpu> {
-    Gpu::new(GpuOptions {
-        weight_binding_limit: limit,
-    })
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn read_ids(path: PathBuf) -> Vec<u32> {
-    npy::read_i64(&path)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .data
-        .iter()
-        .map(|&x| x as u32)
-        .collect()
+    common::read_ids(&path)
 }
 
 /// The pixels tests/parity.rs uses: the engine's own preprocessing for the PNG, HF's pixel
@@ -154,12 +141,12 @@ fn compare(
     format: WeightFormat,
     check: bool,
 ) -> Vec<(String, Agreement)> {
-    let f16 = PaliGemma::load_with(gpu.clone(), base_dir, &LoadOptions::default()).unwrap();
-    let options = LoadOptions {
-        weights: format,
-        ..Default::default()
-    };
-    let quant = PaliGemma::load_with(gpu.clone(), quant_dir, &options).unwrap();
+    let f16 = common::load(gpu, base_dir);
+    let quant = ModelBuilder::new(quant_dir)
+        .gpu(gpu.clone())
+        .weights(format)
+        .build()
+        .unwrap();
     let forced = Forced::load(gpu.clone(), quant_dir, format);
     let mut rows = Vec::new();
     for (img, file, prompt) in PAIRS {
@@ -376,15 +363,15 @@ fn quantised_models_run_split_and_are_smaller() {
     };
     let mut bytes = Vec::new();
     for format in WeightFormat::ALL {
-        let options = LoadOptions {
-            weights: format,
-            ..Default::default()
-        };
         let mut ids = Vec::new();
         for limit in [None, Some(64 * 1024)] {
             let g = gpu(limit);
             let before = g.bytes_created();
-            let pg = PaliGemma::load_with(g.clone(), &dir, &options).unwrap();
+            let pg = ModelBuilder::new(&dir)
+                .gpu(g.clone())
+                .weights(format)
+                .build()
+                .unwrap();
             if limit.is_none() {
                 bytes.push(g.bytes_created() - before);
             }
@@ -514,7 +501,7 @@ fn shapes_agreement(gpu: &Arc<Gpu>, format: WeightFormat) -> [usize; 4] {
     let data = root.join("tests/fixtures/shapes");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("shapes.json")).unwrap()).unwrap();
-    let f16 = PaliGemma::load_with(gpu.clone(), &dir, &LoadOptions::default()).unwrap();
+    let f16 = common::load(gpu, &dir);
     let forced = Forced::load(gpu.clone(), &dir, format);
     let opts = GenerateOptions {
         max_new_tokens: meta["max_new_tokens"].as_u64().unwrap() as usize,

@@ -4,40 +4,31 @@
 //! no submission carries more than the configured number of layers, and the stop conditions
 //! report why an answer ended.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use paligemma::generate::{
     FinishReason, GenerateOptions, Generation, ImageInput, Prompt, Request, Scheduler,
     SchedulerEvent, SchedulerOptions,
 };
-use paligemma::gpu::{Gpu, GpuOptions, Recorder};
+use paligemma::gpu::{Gpu, Recorder};
 use paligemma::model::gemma::Gemma;
 use paligemma::model::siglip::VisionTower;
-use paligemma::model::{Checkpoint, LoadOptions, PaliGemma, PaliGemmaConfig, WeightFormat};
+use paligemma::model::{Checkpoint, ModelBuilder, PaliGemma, PaliGemmaConfig, WeightFormat};
 use paligemma::processor::image::PixelValues;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn model_dir() -> PathBuf {
-    root().join("assets/tiny-shapes")
-}
-
 fn load(format: WeightFormat) -> PaliGemma {
-    let gpu = Gpu::new(GpuOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-    let options = LoadOptions {
-        weights: format,
-        ..Default::default()
-    };
-    PaliGemma::load_with(gpu, &model_dir(), &options).unwrap_or_else(|e| panic!("{e}"))
+    ModelBuilder::new(common::shapes_model())
+        .gpu(common::gpu(None))
+        .weights(format)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn scene(model: &PaliGemma, i: usize) -> PixelValues {
-    let path = root().join(format!("assets/scenes/scene_{i:03}.png"));
-    model.images.load(&path).unwrap()
+    model.images.load(&common::scene(i)).unwrap()
 }
 
 const PROMPTS: [&str; 5] = [
@@ -226,7 +217,7 @@ fn image_features_are_reused() {
 /// Dispatches of one encoder layer and of one decoder layer of a prefill, counted by
 /// recording them with the public model API.
 fn layer_dispatches(gpu: &Arc<Gpu>) -> (usize, usize) {
-    let dir = model_dir();
+    let dir = common::shapes_model();
     let config = PaliGemmaConfig::from_file(&dir.join("config.json")).unwrap();
     let ck = Checkpoint::open(&dir).unwrap();
     let vision = VisionTower::load(&ck, gpu, &config).unwrap();

@@ -2,12 +2,14 @@
 //! `scripts/make_vae_fixture.py` (tests/fixtures/vae): the VQ-VAE decoder on the GPU, boxes,
 //! full-image masks, the annotated PNG read back, the `parse` CLI, and bad decoder files.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use paligemma::gpu::{Gpu, GpuOptions};
+use paligemma::gpu::Gpu;
 use paligemma::npy;
 use paligemma::tasks::draw::{line_width, object_color};
 use paligemma::tasks::{parse_answer, paste_mask, process_answer, MaskDecoder, OutputOptions};
@@ -21,11 +23,11 @@ fn vae() -> PathBuf {
 }
 
 fn chelsea() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/chelsea.jpg")
+    common::fixture_image("chelsea.jpg")
 }
 
 fn gpu() -> Arc<Gpu> {
-    Gpu::new(GpuOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+    common::gpu(None)
 }
 
 fn answer() -> String {

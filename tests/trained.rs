@@ -3,11 +3,10 @@
 //! engine's greedy answers (caption exact match, count, detection IoU) and token-for-token
 //! agreement with HF transformers' greedy outputs on the same checkpoint.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::root;
 use paligemma::generate::GenerateOptions;
-use paligemma::gpu::{Gpu, GpuOptions};
-use paligemma::model::PaliGemma;
 use paligemma::tasks::parse_answer;
 use serde_json::Value;
 
@@ -20,10 +19,6 @@ const IOU_TARGET: f64 = 0.50;
 /// (f32 rounding decides); a gap above this is a real mismatch.
 const TIE_MARGIN: f64 = 1e-3;
 const MAX_TIES: usize = 2;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
 
 fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
     // boxes as (y_min, x_min, y_max, x_max)
@@ -55,8 +50,7 @@ fn tiny_shapes_heldout() {
         serde_json::from_str(&std::fs::read_to_string(data_dir.join("shapes.json")).unwrap())
             .unwrap();
     let max_new_tokens = meta["max_new_tokens"].as_u64().unwrap() as usize;
-    let gpu = Gpu::new(GpuOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-    let model = PaliGemma::load_on(gpu, &model_dir, false).unwrap_or_else(|e| panic!("{e}"));
+    let model = common::load(&common::gpu(None), &model_dir);
     let prompts = model.prompts().unwrap();
     let options = GenerateOptions {
         max_new_tokens,

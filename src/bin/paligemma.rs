@@ -11,7 +11,9 @@ use paligemma::generate::{
     SchedulerOptions,
 };
 use paligemma::gpu::{Gpu, GpuOptions};
-use paligemma::model::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma, WeightFormat};
+use paligemma::model::{
+    resolve_model_dir, ImageEncoder, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
+};
 use paligemma::tasks::{process_answer, OutputOptions};
 
 #[derive(Parser)]
@@ -204,6 +206,61 @@ fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
     Ok(gpu)
 }
 
+/// The global flags that shape a load.
+struct LoadFlags {
+    adapter: Option<PathBuf>,
+    weights: WeightFormat,
+}
+
+/// Load `dir` on `gpu` with `build` (the whole model or the image encoder), drawing the
+/// weights progress bar on stderr from the builder's reports and clearing it at the end.
+fn load_with_bar<T>(
+    gpu: std::sync::Arc<Gpu>,
+    dir: &std::path::Path,
+    flags: &LoadFlags,
+    build: fn(ModelBuilder) -> paligemma::Result<T>,
+) -> Result<T> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "loading weights {bar:40} {bytes}/{total_bytes} ({eta})",
+        )
+        .expect("valid template"),
+    );
+    let draw = bar.clone();
+    let mut builder = ModelBuilder::new(dir)
+        .gpu(gpu)
+        .weights(flags.weights)
+        .on_progress(move |p: &LoadProgress| {
+            draw.set_length(p.bytes_total);
+            draw.set_position(p.bytes_done);
+        });
+    if let Some(adapter) = &flags.adapter {
+        builder = builder.adapter(adapter);
+    }
+    let result = build(builder);
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// Load the whole model in `dir` on `gpu`.
+fn load_model(
+    gpu: std::sync::Arc<Gpu>,
+    dir: &std::path::Path,
+    flags: &LoadFlags,
+) -> Result<PaliGemma> {
+    load_with_bar(gpu, dir, flags, ModelBuilder::build)
+}
+
+/// Load the vision tower and projector of the model in `dir` on `gpu`.
+fn load_encoder(
+    gpu: std::sync::Arc<Gpu>,
+    dir: &std::path::Path,
+    flags: &LoadFlags,
+) -> Result<ImageEncoder> {
+    load_with_bar(gpu, dir, flags, ModelBuilder::build_encoder)
+}
+
 /// `--shard I/N`: lines whose index modulo `n` is `i`.
 #[derive(Debug, Clone, Copy)]
 struct Shard {
@@ -235,17 +292,15 @@ impl Shard {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let load = LoadOptions {
-        progress: true,
+    let load = LoadFlags {
         adapter: cli.adapter.clone(),
         weights: cli.weights,
-        ..Default::default()
     };
     match cli.command {
         Command::EncodeImage { model, image, out } => {
             let dir = resolve_model_dir(&model)?;
             let gpu = open_gpu(cli.max_binding)?;
-            let encoder = ImageEncoder::load_on(gpu, &dir, &load)?;
+            let encoder = load_encoder(gpu, &dir, &load)?;
             let pixels = encoder.images.load(&image)?;
             let features = encoder.encode(&pixels)?;
             let shape = [
@@ -302,7 +357,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 let input = std::fs::File::open(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
-                let model = PaliGemma::load_with(gpu, &dir, &load)?;
+                let model = load_model(gpu, &dir, &load)?;
                 let job = BatchJob {
                     file: &file,
                     shard,
@@ -322,7 +377,7 @@ fn run(cli: Cli) -> Result<()> {
             if prompt.len() > 1 && tasks.options().is_some() {
                 anyhow::bail!("--vae, --annotate and --mask-dir work with a single --prompt");
             }
-            let model = PaliGemma::load_with(gpu, &dir, &load)?;
+            let model = load_model(gpu, &dir, &load)?;
             let pixels = model.images.load(&image)?;
             let shared = match prompt.len() {
                 1 => None,

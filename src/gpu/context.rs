@@ -1,10 +1,11 @@
 //! Adapter selection and device creation.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::pipeline::PipelineCache;
 use super::recorder::{SubmissionCounters, SubmissionStats};
+use super::shaders;
 use crate::{Error, Result};
 
 /// Options for opening the GPU.
@@ -38,6 +39,211 @@ On a headless Linux machine without a GPU, install Mesa's software Vulkan driver
 `apt-get install mesa-vulkan-drivers` (Mesa >= 25 recommended, e.g. from bookworm-backports). \
 Check with `vulkaninfo --summary`. WGPU_BACKEND (vulkan|metal|dx12|gl) and WGPU_ADAPTER_NAME \
 (a substring of the adapter name) select among several adapters.";
+
+/// The smallest weight chunk (and so storage binding and buffer) the loaders accept, in bytes.
+const MIN_WEIGHT_CHUNK: u64 = 1024;
+
+/// One device limit the engine depends on: the `wgpu::Limits` field, the smallest value that
+/// works and what needs it (a kernel as `shader::entry_point`, or the weight loader).
+#[derive(Debug, Clone)]
+pub struct LimitNeed {
+    /// The `wgpu::Limits` field, e.g. `max_compute_workgroup_storage_size`.
+    pub limit: &'static str,
+    /// The smallest value that works.
+    pub needed: u64,
+    /// What needs that much: the kernel with the largest demand, or `weight chunks`.
+    pub by: String,
+    get: fn(&wgpu::Limits) -> u64,
+}
+
+impl LimitNeed {
+    /// The value of this limit in `limits`.
+    pub fn value(&self, limits: &wgpu::Limits) -> u64 {
+        (self.get)(limits)
+    }
+}
+
+/// Per-entry-point resource use of one kernel, read from its shader with naga.
+struct KernelUse {
+    name: String,
+    workgroup_size: [u32; 3],
+    workgroup_bytes: u64,
+    storage_buffers: u32,
+    uniform_buffers: u32,
+    bind_groups: u32,
+    bindings_per_group: u32,
+}
+
+fn kernel_uses() -> Vec<KernelUse> {
+    let mut uses = Vec::new();
+    for (shader, src) in shaders::ALL {
+        // The shaders are validated by the test suite; a failure here is a build defect.
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{shader}.wgsl: {}", e.emit_to_string(src)));
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{shader}.wgsl: {}", e.emit_to_string(src)));
+        for (i, ep) in module.entry_points.iter().enumerate() {
+            let used = info.get_entry_point(i);
+            let mut k = KernelUse {
+                name: format!("{shader}::{}", ep.name),
+                workgroup_size: ep.workgroup_size,
+                workgroup_bytes: 0,
+                storage_buffers: 0,
+                uniform_buffers: 0,
+                bind_groups: 0,
+                bindings_per_group: 0,
+            };
+            for (handle, var) in module.global_variables.iter() {
+                if used[handle].is_empty() {
+                    continue;
+                }
+                match var.space {
+                    naga::AddressSpace::Storage { .. } => k.storage_buffers += 1,
+                    naga::AddressSpace::Uniform => k.uniform_buffers += 1,
+                    // WebGPU counts each workgroup variable rounded up to 16 bytes.
+                    naga::AddressSpace::WorkGroup => {
+                        let size = module.types[var.ty].inner.size(module.to_ctx());
+                        k.workgroup_bytes += u64::from(size.div_ceil(16) * 16);
+                    }
+                    _ => {}
+                }
+                if let Some(b) = &var.binding {
+                    k.bind_groups = k.bind_groups.max(b.group + 1);
+                    k.bindings_per_group = k.bindings_per_group.max(b.binding + 1);
+                }
+            }
+            uses.push(k);
+        }
+    }
+    uses
+}
+
+/// The device limits the engine needs, derived from every kernel in [`shaders::ALL`] (the
+/// largest workgroup, workgroup memory, storage and uniform buffers and bindings of any
+/// entry point) plus the loaders' smallest weight chunk. Computed once.
+pub fn limit_needs() -> &'static [LimitNeed] {
+    static NEEDS: OnceLock<Vec<LimitNeed>> = OnceLock::new();
+    NEEDS.get_or_init(|| {
+        let uses = kernel_uses();
+        let most = |limit: &'static str, of: fn(&KernelUse) -> u64, get| {
+            let k = uses
+                .iter()
+                .max_by_key(|k| of(k))
+                .expect("the shaders have entry points");
+            LimitNeed {
+                limit,
+                needed: of(k),
+                by: k.name.clone(),
+                get,
+            }
+        };
+        let chunk = |limit: &'static str, get| LimitNeed {
+            limit,
+            needed: MIN_WEIGHT_CHUNK,
+            by: "weight chunks".into(),
+            get,
+        };
+        vec![
+            most(
+                "max_compute_invocations_per_workgroup",
+                |k| k.workgroup_size.iter().map(|&d| u64::from(d)).product(),
+                |l| l.max_compute_invocations_per_workgroup.into(),
+            ),
+            most(
+                "max_compute_workgroup_size_x",
+                |k| k.workgroup_size[0].into(),
+                |l| l.max_compute_workgroup_size_x.into(),
+            ),
+            most(
+                "max_compute_workgroup_size_y",
+                |k| k.workgroup_size[1].into(),
+                |l| l.max_compute_workgroup_size_y.into(),
+            ),
+            most(
+                "max_compute_workgroup_size_z",
+                |k| k.workgroup_size[2].into(),
+                |l| l.max_compute_workgroup_size_z.into(),
+            ),
+            most(
+                "max_compute_workgroup_storage_size",
+                |k| k.workgroup_bytes,
+                |l| l.max_compute_workgroup_storage_size.into(),
+            ),
+            most(
+                "max_storage_buffers_per_shader_stage",
+                |k| k.storage_buffers.into(),
+                |l| l.max_storage_buffers_per_shader_stage.into(),
+            ),
+            most(
+                "max_uniform_buffers_per_shader_stage",
+                |k| k.uniform_buffers.into(),
+                |l| l.max_uniform_buffers_per_shader_stage.into(),
+            ),
+            most(
+                "max_bind_groups",
+                |k| k.bind_groups.into(),
+                |l| l.max_bind_groups.into(),
+            ),
+            most(
+                "max_bindings_per_bind_group",
+                |k| k.bindings_per_group.into(),
+                |l| l.max_bindings_per_bind_group.into(),
+            ),
+            chunk("max_storage_buffer_binding_size", |l| {
+                l.max_storage_buffer_binding_size
+            }),
+            chunk("max_buffer_size", |l| l.max_buffer_size),
+        ]
+    })
+}
+
+/// Check a device's limits and its adapter's downlevel capabilities against what the engine
+/// needs; the error names every shortfall.
+fn check_device(limits: &wgpu::Limits, downlevel: wgpu::DownlevelFlags) -> Result<()> {
+    let mut short: Vec<String> = limit_needs()
+        .iter()
+        .filter(|n| n.value(limits) < n.needed)
+        .map(|n| {
+            format!(
+                "`{}` is {} on this device, {} needs {}",
+                n.limit,
+                n.value(limits),
+                n.by,
+                n.needed
+            )
+        })
+        .collect();
+    for (flag, name, why) in [
+        (
+            wgpu::DownlevelFlags::COMPUTE_SHADERS,
+            "COMPUTE_SHADERS",
+            "every kernel",
+        ),
+        (
+            wgpu::DownlevelFlags::SHADER_F16_IN_F32,
+            "SHADER_F16_IN_F32",
+            "the f16 weight kernels (unpack2x16float)",
+        ),
+    ] {
+        if !downlevel.contains(flag) {
+            short.push(format!(
+                "the adapter lacks downlevel capability `{name}`, which {why} needs"
+            ));
+        }
+    }
+    if short.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Gpu(format!(
+        "the device cannot run paligemma: {}. Create it with at least these limits (e.g. \
+         `adapter.limits()` or `wgpu::Limits::default()`) on a Vulkan, Metal or DX12 adapter",
+        short.join("; ")
+    )))
+}
 
 fn adapter_rank(kind: wgpu::DeviceType) -> u32 {
     match kind {
@@ -81,17 +287,13 @@ impl Gpu {
         adapters.sort_by_key(|a| adapter_rank(a.get_info().device_type));
         let adapter = adapters.swap_remove(0);
         let info = adapter.get_info();
-        let limits = adapter.limits();
-        let adapter_features = adapter.features();
         // On a CPU adapter, device memory is host memory: weight buffers that are mappable as
         // well as storage take the checkpoint's bytes directly, without a staging copy (peak
         // RSS of the full-size model 6606 -> 5740 MiB on lavapipe). On a discrete GPU they
         // would live in slow host-visible memory; integrated GPUs may gain too, but that is
         // unmeasured, so they keep the usual staging upload.
-        let unified_memory = info.device_type == wgpu::DeviceType::Cpu
-            && adapter_features.contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
-        let required_features = if unified_memory {
-            wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+        let required_features = if info.device_type == wgpu::DeviceType::Cpu {
+            adapter.features() & wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
         } else {
             wgpu::Features::empty()
         };
@@ -99,13 +301,36 @@ impl Gpu {
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("paligemma"),
                 required_features,
-                required_limits: limits.clone(),
+                required_limits: adapter.limits(),
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
             .await
             .map_err(|e| Error::Gpu(format!("cannot open {}: {e}", info.name)))?;
+        Self::from_device(&adapter, device, queue, options)
+    }
+
+    /// Run on a device the application already has (eframe's `RenderState`, bevy's
+    /// `RenderDevice`): `device` and `queue` must come from `adapter`. The limits and features
+    /// in force are the device's, not the adapter's; a device whose limits are too small for
+    /// the kernels ([`limit_needs`]), or whose adapter cannot run compute shaders, gives an
+    /// [`Error::Gpu`] naming each `wgpu::Limits` field or capability, the device's value and
+    /// the value needed. No feature is required; with `MAPPABLE_PRIMARY_BUFFERS` enabled on a
+    /// CPU adapter, weights are written without staging copies ([`Gpu::unified_memory`]).
+    pub fn from_device(
+        adapter: &wgpu::Adapter,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: GpuOptions,
+    ) -> Result<Arc<Self>> {
+        let info = adapter.get_info();
+        let limits = device.limits();
+        check_device(&limits, adapter.get_downlevel_capabilities().flags)?;
+        let unified_memory = info.device_type == wgpu::DeviceType::Cpu
+            && device
+                .features()
+                .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
         let device_max = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
@@ -117,11 +342,13 @@ impl Gpu {
         };
         let forced = options.weight_binding_limit.or(env_limit);
         let weight_chunk_bytes = forced.map_or(device_max, |f| f.min(device_max));
-        if weight_chunk_bytes < 1024 {
+        if weight_chunk_bytes < MIN_WEIGHT_CHUNK {
             return Err(Error::Gpu(format!(
-                "weight binding limit {weight_chunk_bytes} bytes is too small (minimum 1024)"
+                "weight binding limit {weight_chunk_bytes} bytes is too small (minimum \
+                 {MIN_WEIGHT_CHUNK})"
             )));
         }
+        let adapter_features = adapter.features();
         log::info!(
             "adapter: {} ({:?}, {:?}, driver {} {})",
             info.name,
@@ -131,6 +358,7 @@ impl Gpu {
             info.driver_info
         );
         log::info!("adapter features: {adapter_features:?}");
+        log::info!("device features: {:?}", device.features());
         log::info!(
             "limits: max storage binding {} MiB, max buffer {} MiB, workgroup storage {} B, \
              invocations {}, subgroup size {}..{}; weight chunks <= {} KiB",
@@ -164,7 +392,7 @@ impl Gpu {
         )
     }
 
-    /// The device limits in force.
+    /// The device limits in force (the device's own, which may be below the adapter's).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
     }
@@ -270,5 +498,70 @@ impl Gpu {
             .to_vec();
         staging.unmap();
         Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_device, limit_needs};
+
+    fn needed(limit: &str) -> (u64, String) {
+        let n = limit_needs()
+            .iter()
+            .find(|n| n.limit == limit)
+            .unwrap_or_else(|| panic!("no need for {limit}"));
+        (n.needed, n.by.clone())
+    }
+
+    /// The needs read from the shaders are the kernels' declared sizes: 256-invocation
+    /// workgroups (e.g. `@workgroup_size(256, 1, 1)` in rope.wgsl, 8×8 in the tiled matmuls),
+    /// 8 KiB of workgroup memory (the tiled matmuls' two 1024-float tiles), at most four
+    /// storage buffers and one uniform (bindings 0..=4 of one group).
+    #[test]
+    fn limit_needs_come_from_the_shaders() {
+        assert_eq!(needed("max_compute_invocations_per_workgroup").0, 256);
+        assert_eq!(needed("max_compute_workgroup_size_x").0, 256);
+        assert_eq!(needed("max_compute_workgroup_size_y").0, 8);
+        assert_eq!(needed("max_compute_workgroup_size_z").0, 1);
+        let (bytes, by) = needed("max_compute_workgroup_storage_size");
+        assert_eq!(bytes, 2 * 1024 * 4);
+        assert!(by.contains("matmul"), "{by}");
+        assert_eq!(needed("max_storage_buffers_per_shader_stage").0, 4);
+        assert_eq!(needed("max_uniform_buffers_per_shader_stage").0, 1);
+        assert_eq!(needed("max_bind_groups").0, 1);
+        assert_eq!(needed("max_bindings_per_bind_group").0, 5);
+        assert_eq!(
+            needed("max_storage_buffer_binding_size"),
+            (1024, "weight chunks".into())
+        );
+    }
+
+    /// A device made with the WebGPU default limits runs every kernel; one with smaller limits
+    /// is refused with each short limit named with the device's and the needed value.
+    #[test]
+    fn webgpu_default_limits_suffice_and_shortfalls_are_named() {
+        let all = wgpu::DownlevelFlags::all();
+        check_device(&wgpu::Limits::default(), all).unwrap();
+        let small = wgpu::Limits {
+            max_compute_workgroup_storage_size: 4096,
+            max_storage_buffers_per_shader_stage: 2,
+            ..wgpu::Limits::default()
+        };
+        let err = check_device(&small, all).unwrap_err().to_string();
+        assert!(
+            err.contains("`max_compute_workgroup_storage_size` is 4096 on this device"),
+            "{err}"
+        );
+        assert!(err.contains("needs 8192"), "{err}");
+        assert!(
+            err.contains("`max_storage_buffers_per_shader_stage` is 2 on this device"),
+            "{err}"
+        );
+        assert!(err.contains("needs 4"), "{err}");
+        assert!(!err.contains("max_bind_groups"), "{err}");
+        let err = check_device(&wgpu::Limits::default(), wgpu::DownlevelFlags::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`COMPUTE_SHADERS`"), "{err}");
     }
 }

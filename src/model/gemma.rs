@@ -242,9 +242,9 @@ impl DecoderLayer {
         l: usize,
         a: &Acts,
         spans: &[Span],
-        rows: usize,
     ) -> Result<()> {
         let eps = cfg.rms_norm_eps;
+        let rows = spans.iter().map(|s| s.rows).sum();
         let plain = LinearOpts {
             rows: Some(rows),
             ..Default::default()
@@ -613,7 +613,7 @@ impl Gemma {
         let rows: usize = spans.iter().map(|s| s.rows).sum();
         for l in layers {
             let layer = &self.layers[l];
-            layer.record_attention(rec, &self.cfg, self.attn_opts(l), l, a, spans, rows)?;
+            layer.record_attention(rec, &self.cfg, self.attn_opts(l), l, a, spans)?;
             layer.record_mlp(rec, self.cfg.rms_norm_eps, a, rows)?;
         }
         Ok(())

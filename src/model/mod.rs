@@ -1,11 +1,15 @@
 //! The model: configuration, checkpoint loading and the forward passes.
 
+pub mod builder;
 pub mod config;
 pub mod gemma;
+pub mod hub;
 pub mod paligemma;
 pub mod siglip;
 pub mod weights;
 
+pub use builder::{CancelToken, LoadHandle, LoadProgress, ModelBuilder};
 pub use config::{PaliGemmaConfig, TextConfig, VisionConfig};
-pub use paligemma::{resolve_model_dir, ImageEncoder, LoadOptions, PaliGemma};
+pub use hub::resolve_model_dir;
+pub use paligemma::{ImageEncoder, PaliGemma};
 pub use weights::{Checkpoint, WeightFormat};

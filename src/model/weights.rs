@@ -8,12 +8,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use half::{bf16, f16};
-use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use super::builder::{CancelToken, LoadProgress};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::{Error, Result};
 
@@ -105,9 +106,42 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, Entry>,
     synthetic: Option<u64>,
-    progress: Option<ProgressBar>,
+    progress: Mutex<Option<Reporter>>,
+    cancel: Option<CancelToken>,
     lora: HashMap<String, LoraDelta>,
     format: WeightFormat,
+}
+
+/// The progress of one load: the file bytes of the tensors it will read, counted off as they
+/// are converted and uploaded.
+struct Reporter {
+    callback: Box<dyn FnMut(&LoadProgress) + Send>,
+    /// Tensors (canonical names) not yet fully counted, with their bytes left.
+    pending: HashMap<String, u64>,
+    done: u64,
+    total: u64,
+}
+
+impl Reporter {
+    /// Count up to `bytes` more of tensor `name` as done and report it.
+    fn advance(&mut self, name: &str, bytes: u64) {
+        let Some(left) = self.pending.get_mut(name) else {
+            return;
+        };
+        let step = bytes.min(*left);
+        *left -= step;
+        if *left == 0 {
+            self.pending.remove(name);
+        }
+        if step > 0 {
+            self.done += step;
+            (self.callback)(&LoadProgress {
+                bytes_done: self.done,
+                bytes_total: self.total,
+                tensor: name.to_string(),
+            });
+        }
+    }
 }
 
 /// A LoRA update `W += scale · B · A` for one weight, kept in f32 on the host.
@@ -245,7 +279,8 @@ impl Checkpoint {
             files,
             tensors,
             synthetic: None,
-            progress: None,
+            progress: Mutex::new(None),
+            cancel: None,
             lora: HashMap::new(),
             format: WeightFormat::F16,
         })
@@ -258,7 +293,8 @@ impl Checkpoint {
             files: Vec::new(),
             tensors: HashMap::new(),
             synthetic: Some(seed),
-            progress: None,
+            progress: Mutex::new(None),
+            cancel: None,
             lora: HashMap::new(),
             format: WeightFormat::F16,
         }
@@ -393,25 +429,64 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Show a progress bar on stderr (bytes converted and uploaded) while tensors load.
-    /// Synthetic checkpoints show none.
-    pub fn show_progress(&mut self) {
-        if self.synthetic.is_some() {
-            return;
-        }
-        let total: usize = self.tensors.values().map(|e| e.end - e.start).sum();
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} ({eta})")
-                .expect("valid template"),
-        );
-        self.progress = Some(bar);
+    /// Report the loading of the tensors for which `in_scope(canonical name)` holds to
+    /// `callback`: bytes of the checkpoint files converted and uploaded so far, out of those
+    /// tensors' total, every [`RELEASE_BYTES`] and at the end of each tensor. Synthetic
+    /// checkpoints report nothing.
+    pub(crate) fn report_progress(
+        &mut self,
+        in_scope: impl Fn(&str) -> bool,
+        callback: Box<dyn FnMut(&LoadProgress) + Send>,
+    ) {
+        let pending: HashMap<String, u64> = self
+            .tensors
+            .iter()
+            .filter(|(name, _)| in_scope(name))
+            .map(|(name, e)| (name.clone(), (e.end - e.start) as u64))
+            .collect();
+        let total = pending.values().sum();
+        *self.progress.get_mut().expect("progress lock") = Some(Reporter {
+            callback,
+            pending,
+            done: 0,
+            total,
+        });
     }
 
-    /// Close the progress bar, if any.
-    pub fn finish_progress(&mut self) {
-        if let Some(bar) = self.progress.take() {
-            bar.finish_and_clear();
+    /// Make every tensor read fail with [`Error::Cancelled`] once `token` is cancelled
+    /// (checked before each tensor and every [`RELEASE_BYTES`] within one).
+    pub(crate) fn set_cancel(&mut self, token: CancelToken) {
+        self.cancel = Some(token);
+    }
+
+    /// End the progress report: tensors in scope that the model did not read count as done,
+    /// so the last report is exactly the total (its tensor name empty if it counted such
+    /// tensors).
+    pub(crate) fn finish_progress(&self) {
+        let mut progress = self.progress.lock().expect("progress lock");
+        if let Some(r) = progress.as_mut() {
+            let left: u64 = r.pending.drain().map(|(_, b)| b).sum();
+            if left > 0 {
+                r.done += left;
+                (r.callback)(&LoadProgress {
+                    bytes_done: r.done,
+                    bytes_total: r.total,
+                    tensor: String::new(),
+                });
+            }
+        }
+    }
+
+    fn advance(&self, name: &str, bytes: u64) {
+        if let Some(r) = self.progress.lock().expect("progress lock").as_mut() {
+            r.advance(name, bytes);
+        }
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(token) if token.is_cancelled() => Err(Error::Cancelled),
+            _ => Ok(()),
         }
     }
 
@@ -455,12 +530,6 @@ impl Checkpoint {
 
     fn bytes(&self, e: &Entry) -> &[u8] {
         &self.files[e.file].1[e.start..e.end]
-    }
-
-    fn tick(&self, e: &Entry) {
-        if let Some(bar) = &self.progress {
-            bar.inc((e.end - e.start) as u64);
-        }
     }
 
     /// Convert `src` (little-endian values of `dtype`) into `dst`.
@@ -521,18 +590,21 @@ impl Checkpoint {
         shape: &[usize],
         format: WeightFormat,
     ) -> Result<Tensor> {
+        self.check_cancel()?;
         let rows = shape[0];
         let cols: usize = shape[1..].iter().product();
         let dims = [rows, cols];
         if let Some(seed) = self.synthetic {
             let scale = (cols as f32).powf(-0.5);
             let row = |r: usize, dst: &mut [f32]| {
+                self.before_row(name, None, r, cols * 4)?;
                 let mut v = SyntheticValues::new(name, seed, r);
                 dst.iter_mut().for_each(|d| *d = v.next(scale));
                 Ok(())
             };
             return match format {
                 WeightFormat::F16 => Tensor::weight_f16(gpu, name, &dims, |r, dst| {
+                    self.before_row(name, None, r, cols * 2)?;
                     let mut v = SyntheticValues::new(name, seed, r);
                     dst.iter_mut()
                         .for_each(|d| *d = f16::from_f32(v.next(scale)));
@@ -562,7 +634,7 @@ impl Checkpoint {
             WeightFormat::F16 => {
                 let mut row = vec![0.0f32; if lora.is_some() { cols } else { 0 }];
                 Tensor::weight_f16(gpu, name, &dims, |r, dst| {
-                    self.release_rows(e, r, cols * elem);
+                    self.before_row(name, Some(e), r, cols * elem)?;
                     match lora {
                         None => {
                             let src = &data[r * cols * elem..(r + 1) * cols * elem];
@@ -579,27 +651,33 @@ impl Checkpoint {
                 })?
             }
             _ => Tensor::weight_quantized(gpu, name, &dims, format.dtype(), |r, dst| {
-                self.release_rows(e, r, cols * elem);
+                self.before_row(name, Some(e), r, cols * elem)?;
                 row_f32(r, dst);
                 Ok(())
             })?,
         };
-        self.tick(e);
+        self.advance(name, (e.end - e.start) as u64);
         self.release(e, e.start, e.end);
         Ok(t)
     }
 
-    /// Called before row `r` (of `row_bytes` bytes in the file) of matrix `e` is read: every
-    /// [`RELEASE_BYTES`], drop the rows already converted (see [`Checkpoint::release`]).
-    fn release_rows(&self, e: &Entry, r: usize, row_bytes: usize) {
+    /// Called before row `r` (of `row_bytes` bytes in the file) of matrix `name` is read:
+    /// every [`RELEASE_BYTES`], drop the rows already converted of the checkpoint entry `e`
+    /// (see [`Checkpoint::release`]), report them and check for cancellation.
+    fn before_row(&self, name: &str, e: Option<&Entry>, r: usize, row_bytes: usize) -> Result<()> {
         let every = (RELEASE_BYTES / row_bytes).max(1);
         if r > 0 && r.is_multiple_of(every) {
-            self.release(
-                e,
-                e.start + (r - every) * row_bytes,
-                e.start + r * row_bytes,
-            );
+            if let Some(e) = e {
+                self.release(
+                    e,
+                    e.start + (r - every) * row_bytes,
+                    e.start + r * row_bytes,
+                );
+            }
+            self.advance(name, (every * row_bytes) as u64);
+            self.check_cancel()?;
         }
+        Ok(())
     }
 
     /// Drop the file pages of bytes `start..end` of a checkpoint file that are now on the GPU
@@ -635,10 +713,11 @@ impl Checkpoint {
 
     /// Load a 1-D tensor (norm weight, bias) as an f32 vector of length `len`.
     pub fn vector(&self, gpu: &Gpu, name: &str, len: usize) -> Result<Tensor> {
+        self.check_cancel()?;
         let data = self.read_f32(name, &[len])?;
         let t = Tensor::from_f32(gpu, name, &[len], &data)?;
         if let Some(e) = self.tensors.get(name) {
-            self.tick(e);
+            self.advance(name, (e.end - e.start) as u64);
         }
         Ok(t)
     }
