@@ -13,7 +13,7 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
     }
     let how = "download it first, e.g. accept the Gemma licence on the model's Hugging Face page, \
                then `huggingface-cli download google/paligemma-3b-mix-224` (or `git clone` the \
-               repository) and pass --model with the downloaded directory";
+               repository) and use the downloaded directory as the model path";
     let parts: Vec<&str> = spec.split('/').collect();
     if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || path.exists() {
         return Err(Error::Model(format!(
