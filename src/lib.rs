@@ -5,7 +5,6 @@
 //! checkpoint loader and the SigLIP / Gemma forward passes, and [`processor`] the image and
 //! prompt preprocessing.
 
-pub mod bench;
 pub mod error;
 pub mod generate;
 pub mod gpu;

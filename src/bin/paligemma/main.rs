@@ -1,15 +1,18 @@
 //! `paligemma`: run PaliGemma on any GPU through wgpu.
 
-use std::io::Write;
+mod bench;
+mod generate;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use paligemma::generate::{
-    GenerateOptions, ImageInput, Prompt, Request, SamplingParams, Scheduler, SchedulerEvent,
-    SchedulerOptions,
+    GenerateOptions, ImageInput, Prompt, Request, SamplingParams, SchedulerOptions,
 };
+
+use generate::{answer, BatchJob, PartialFailure, Shard};
 use paligemma::gpu::{Gpu, GpuOptions};
 use paligemma::model::{
     resolve_model_dir, ImageEncoder, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
@@ -144,6 +147,10 @@ enum Command {
         /// --layers 27 --text-layers 18).
         #[arg(long)]
         text_layers: Option<usize>,
+        /// Image size of the synthetic model: 224, 448 or 896 (256, 1024 or 4096 image
+        /// tokens).
+        #[arg(long, default_value_t = 224, value_name = "PX")]
+        image_size: usize,
         /// Prompt text tokens after the image tokens and <bos> (9: 266 tokens at 224 px).
         #[arg(long, default_value_t = 9)]
         text_tokens: usize,
@@ -259,36 +266,6 @@ fn load_encoder(
     flags: &LoadFlags,
 ) -> Result<ImageEncoder> {
     load_with_bar(gpu, dir, flags, ModelBuilder::build_encoder)
-}
-
-/// `--shard I/N`: lines whose index modulo `n` is `i`.
-#[derive(Debug, Clone, Copy)]
-struct Shard {
-    i: usize,
-    n: usize,
-}
-
-impl std::str::FromStr for Shard {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("{s:?} is not I/N with 0 <= I < N, e.g. 0/4");
-        let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (i, n): (usize, usize) = (
-            i.trim().parse().map_err(|_| bad())?,
-            n.trim().parse().map_err(|_| bad())?,
-        );
-        if i >= n {
-            return Err(bad());
-        }
-        Ok(Shard { i, n })
-    }
-}
-
-impl Shard {
-    fn takes(&self, index: usize) -> bool {
-        index % self.n == self.i
-    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -420,6 +397,7 @@ fn run(cli: Cli) -> Result<()> {
             layers,
             text_layers,
             text_tokens,
+            image_size,
             decode_steps,
             runs,
             formats,
@@ -428,11 +406,12 @@ fn run(cli: Cli) -> Result<()> {
             no_probes,
             json,
         } => {
-            let options = paligemma::bench::BenchOptions {
+            let options = bench::BenchOptions {
                 model: model.map(|m| resolve_model_dir(&m)).transpose()?,
                 layers,
                 text_layers,
                 text_tokens,
+                image_size,
                 decode_steps,
                 runs,
                 run_model: !probes_only,
@@ -446,7 +425,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let gpu = open_gpu(cli.max_binding)?;
-            let report = paligemma::bench::run(&gpu, &options)?;
+            let report = bench::run(&gpu, &options)?;
             if json {
                 println!(
                     "{}",
@@ -458,175 +437,6 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Run one request, streaming its text (or printing its JSON object), then any detection or
-/// segmentation outputs.
-fn answer(
-    model: &PaliGemma,
-    request: Request,
-    image: &std::path::Path,
-    tasks: &TaskArgs,
-    json: bool,
-) -> Result<()> {
-    let mut stdout = std::io::stdout();
-    let mut on_text = |t: &str| {
-        if !json {
-            let _ = write!(stdout, "{t}");
-            let _ = stdout.flush();
-        }
-        true
-    };
-    let mut result = model.run_one(request, &mut on_text)?;
-    result.timings.load_s = model.load_seconds();
-    let report = match tasks.options() {
-        Some(opts) => Some(process_answer(&result.text, image, &opts, || {
-            Ok(model.gpu().clone())
-        })?),
-        None => None,
-    };
-    if json {
-        let mut value = serde_json::to_value(&result).context("serialising the result")?;
-        if let Some(r) = &report {
-            value["objects"] = serde_json::to_value(&r.objects)?;
-        }
-        println!("{value}");
-    } else {
-        println!();
-        if let Some(r) = &report {
-            print!("{}", r.summary());
-        }
-        log::info!("timings: {:?}", result.timings);
-    }
-    Ok(())
-}
-
-/// Some lines of a `--batch` file failed (each was reported in its place): exit code 1.
-#[derive(Debug, thiserror::Error)]
-#[error("some requests failed")]
-struct PartialFailure;
-
-/// A `--batch` file streamed through the scheduler.
-struct BatchJob<'a> {
-    file: &'a std::path::Path,
-    shard: Option<Shard>,
-    json: bool,
-    options: GenerateOptions,
-}
-
-/// What a line of a batch file gave.
-type LineResult = std::result::Result<paligemma::generate::Generation, String>;
-
-impl BatchJob<'_> {
-    /// Feed the lines to the scheduler as slots free up, so memory stays flat however long
-    /// the file is, and print each answer in input order as soon as it and all before it are
-    /// done. Returns how many lines failed.
-    fn run(
-        &self,
-        model: &PaliGemma,
-        opts: SchedulerOptions,
-        input: impl std::io::BufRead,
-    ) -> Result<usize> {
-        let mut scheduler = Scheduler::new(model, opts)?;
-        let mut lines = input.lines().enumerate();
-        let mut exhausted = false;
-        let mut ready: std::collections::BTreeMap<usize, LineResult> = Default::default();
-        let mut order = std::collections::HashMap::new();
-        let (mut taken, mut printed, mut failed) = (0usize, 0usize, 0usize);
-        let mut stdout = std::io::stdout().lock();
-        loop {
-            while !exhausted && scheduler.queued() < opts.max_sequences {
-                let Some((index, line)) = lines.next() else {
-                    exhausted = true;
-                    break;
-                };
-                let line = line.with_context(|| format!("reading {}", self.file.display()))?;
-                if self.shard.is_some_and(|s| !s.takes(index)) || line.trim().is_empty() {
-                    continue;
-                }
-                let at = taken;
-                taken += 1;
-                match self.request(model, index, &line) {
-                    Ok(request) => match scheduler.submit(request) {
-                        Ok(id) => {
-                            order.insert(id, at);
-                        }
-                        Err(e) => {
-                            ready.insert(at, Err(self.located(index, &e.to_string())));
-                        }
-                    },
-                    Err(e) => {
-                        ready.insert(at, Err(e));
-                    }
-                }
-            }
-            if !scheduler.is_idle() {
-                for event in scheduler.step()? {
-                    if let SchedulerEvent::Finished { id, result } = event {
-                        let at = order.remove(&id).expect("every request was numbered");
-                        let result = result.map_err(|e| format!("request {}: {e}", at + 1));
-                        ready.insert(at, result);
-                    }
-                }
-            }
-            while let Some(result) = ready.remove(&printed) {
-                printed += 1;
-                failed += result.is_err() as usize;
-                self.print(&mut stdout, model, result)?;
-            }
-            if exhausted && scheduler.is_idle() && ready.is_empty() {
-                return Ok(failed);
-            }
-        }
-    }
-
-    fn located(&self, index: usize, msg: &str) -> String {
-        format!("{} line {}: {msg}", self.file.display(), index + 1)
-    }
-
-    /// The request of one line, or why there is none.
-    fn request(
-        &self,
-        model: &PaliGemma,
-        index: usize,
-        line: &str,
-    ) -> std::result::Result<Request, String> {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| self.located(index, &format!("not JSON: {e}")))?;
-        let field = |k: &str| {
-            v.get(k)
-                .and_then(|x| x.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| self.located(index, &format!("needs a string \"{k}\"")))
-        };
-        let (image, prompt) = (field("image")?, field("prompt")?);
-        let pixels = model
-            .images
-            .load(std::path::Path::new(&image))
-            .map_err(|e| self.located(index, &e.to_string()))?;
-        Ok(Request {
-            image: ImageInput::Pixels(pixels),
-            prompt: Prompt::Text(prompt),
-            options: self.options.clone(),
-        })
-    }
-
-    fn print(&self, out: &mut impl Write, model: &PaliGemma, result: LineResult) -> Result<()> {
-        match (result, self.json) {
-            (Ok(mut g), true) => {
-                g.timings.load_s = model.load_seconds();
-                writeln!(out, "{}", serde_json::to_string(&g)?)?;
-            }
-            (Ok(g), false) => writeln!(out, "{}", g.text)?,
-            (Err(e), true) => writeln!(out, "{}", serde_json::json!({ "error": e }))?,
-            (Err(e), false) => {
-                eprintln!("error: {e}");
-                writeln!(out)?;
-            }
-        }
-        out.flush()?;
-        Ok(())
-    }
 }
 
 fn main() -> ExitCode {

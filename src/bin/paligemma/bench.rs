@@ -12,11 +12,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::generate::{GenerateOptions, Generation, Timings};
-use crate::gpu::{Gpu, KernelKey, Recorder, Tensor};
-use crate::model::{ModelBuilder, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
-use crate::processor::image::PixelValues;
-use crate::{Error, Result};
+use paligemma::generate::{GenerateOptions, Generation, Timings};
+use paligemma::gpu::{Gpu, KernelKey, Recorder, Tensor};
+use paligemma::model::{ModelBuilder, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
+use paligemma::processor::image::PixelValues;
+use paligemma::{Error, Result};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub struct BenchOptions {
     /// Requests decoded together for the batch figures ([`ModelReport::batches`]); 1 is the
     /// single-request run every report has.
     pub batch_sizes: Vec<usize>,
+    /// Image size of the synthetic model (224, 448 or 896).
+    pub image_size: usize,
 }
 
 impl Default for BenchOptions {
@@ -61,6 +63,7 @@ impl Default for BenchOptions {
             probes: true,
             formats: vec![WeightFormat::F16],
             batch_sizes: vec![1],
+            image_size: 224,
         }
     }
 }
@@ -143,7 +146,11 @@ pub fn decode_work(c: &TextConfig, kv_len: usize, bytes_per_weight: f64) -> Work
 /// PaliGemma-3B-224 shapes (SigLIP So400m: 1152 wide, MLP 4304, 16 heads, 14 px patches at
 /// 224 px; Gemma 2B: 2048 wide, MLP 16384, 8 query heads, 1 KV head of 256, vocabulary
 /// 257216) with `vision_layers` and `text_layers` layers.
-pub fn synthetic_config(vision_layers: usize, text_layers: usize) -> Result<PaliGemmaConfig> {
+pub fn synthetic_config(
+    vision_layers: usize,
+    text_layers: usize,
+    image_size: usize,
+) -> Result<PaliGemmaConfig> {
     PaliGemmaConfig::from_json(&format!(
         r#"{{"model_type": "paligemma", "image_token_index": 257152, "projection_dim": 2048,
             "text_config": {{"model_type": "gemma", "hidden_size": 2048,
@@ -151,7 +158,7 @@ pub fn synthetic_config(vision_layers: usize, text_layers: usize) -> Result<Pali
                 "num_hidden_layers": {text_layers}, "vocab_size": 257216}},
             "vision_config": {{"hidden_size": 1152, "intermediate_size": 4304,
                 "num_attention_heads": 16, "num_hidden_layers": {vision_layers}, "patch_size": 14,
-                "image_size": 224}}}}"#
+                "image_size": {image_size}}}}}"#
     ))
 }
 
@@ -238,6 +245,24 @@ pub struct ModelReport {
     /// Throughput with several requests at once, one entry per batch size (batch 1 repeats
     /// the figures above).
     pub batches: Vec<BatchFigures>,
+    /// Queue submissions, dispatches and blocking waits of one decode step (counted, not
+    /// timed), and the longest any submission of a warm request took from submission to
+    /// completion (one encoder or decoder layer of the vision tower or prefill, or one decode
+    /// step).
+    pub submissions: StepCounts,
+}
+
+/// What one decode step sends to the GPU, and the longest single submission of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StepCounts {
+    /// Kernel dispatches per decode step.
+    pub dispatches_per_step: f64,
+    /// Queue submissions per decode step.
+    pub submissions_per_step: f64,
+    /// Blocking waits per decode step.
+    pub waits_per_step: f64,
+    /// The longest submission of the request, seconds.
+    pub longest_submission_s: f64,
 }
 
 /// Throughput of `batch` identical requests run together ([`PaliGemma::generate_batch_ids`]).
@@ -272,6 +297,12 @@ pub fn run(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<BenchReport> {
             return Err(Error::Request(
                 "bench needs at least one text token, one decode step and one run".into(),
             ));
+        }
+        if ![224, 448, 896].contains(&opts.image_size) {
+            return Err(Error::Request(format!(
+                "image size {} is not one of PaliGemma's 224, 448 and 896",
+                opts.image_size
+            )));
         }
         if opts.batch_sizes.contains(&0) {
             return Err(Error::Request("batch sizes must be at least 1".into()));
@@ -383,8 +414,12 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Resul
             dir.display().to_string(),
         ),
         None => {
-            let config = synthetic_config(opts.layers, opts.text_layers.unwrap_or(opts.layers))?;
-            let label = "synthetic PaliGemma-3B-224 shapes, random weights".to_string();
+            let text_layers = opts.text_layers.unwrap_or(opts.layers);
+            let config = synthetic_config(opts.layers, text_layers, opts.image_size)?;
+            let label = format!(
+                "synthetic PaliGemma-3B-{} shapes, random weights",
+                opts.image_size
+            );
             let model = ModelBuilder::synthetic(config, opts.seed)
                 .gpu(gpu.clone())
                 .weights(format)
@@ -431,6 +466,7 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Resul
         });
     }
 
+    let submissions = step_counts(gpu, &model, &pixels, &ids, opts.decode_steps)?;
     let bpw = format.bytes_per_weight();
     let vision = vision_work(&config, bpw);
     let prefill = prefill_work(&config.text, ids.len(), bpw);
@@ -473,6 +509,31 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Resul
         gpu_weight_bytes,
         gpu_request_bytes,
         batches,
+        submissions,
+    })
+}
+
+/// Count what a decode step submits: a request of one token and one of `steps + 1` tokens,
+/// the difference per step; and the longest submission of the longer one.
+fn step_counts(
+    gpu: &Gpu,
+    model: &PaliGemma,
+    pixels: &PixelValues,
+    ids: &[u32],
+    steps: usize,
+) -> Result<StepCounts> {
+    gpu.reset_submission_stats();
+    generate(model, pixels, ids, 1, 1)?;
+    let one = gpu.submission_stats();
+    gpu.reset_submission_stats();
+    generate(model, pixels, ids, steps + 1, 1)?;
+    let all = gpu.submission_stats();
+    let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / steps as f64;
+    Ok(StepCounts {
+        dispatches_per_step: per(all.dispatches, one.dispatches),
+        submissions_per_step: per(all.submissions, one.submissions),
+        waits_per_step: per(all.waits, one.waits),
+        longest_submission_s: all.longest_run_s,
     })
 }
 
@@ -495,7 +556,7 @@ const READ_MAX_BYTES: u64 = 256 << 20;
 const PROBE_MIN_S: f64 = 0.2;
 
 /// Best wall time of `reps` runs of `plan` after one warm-up run.
-fn time_plan(gpu: &Gpu, plan: &crate::gpu::Plan, reps: usize) -> Result<f64> {
+fn time_plan(gpu: &Gpu, plan: &paligemma::gpu::Plan, reps: usize) -> Result<f64> {
     plan.run(gpu)?;
     let mut best = f64::INFINITY;
     for _ in 0..reps {
@@ -674,6 +735,25 @@ impl BenchReport {
                 format!("{:.2} tok/s", m.decode_tok_s),
                 Some((m.decode_gflops, m.decode_gbs)),
             );
+            let c = &m.submissions;
+            row(
+                &mut s,
+                "per decode step: dispatches",
+                format!("{:.0}", c.dispatches_per_step),
+                None,
+            );
+            row(
+                &mut s,
+                "  submissions / blocking waits",
+                format!("{:.1} / {:.1}", c.submissions_per_step, c.waits_per_step),
+                None,
+            );
+            row(
+                &mut s,
+                "longest submission",
+                format!("{:.1} ms", c.longest_submission_s * 1e3),
+                None,
+            );
             let rss = m.peak_rss_bytes.map_or("-".into(), mib);
             row(&mut s, "peak host RSS", rss, None);
             row(
@@ -752,7 +832,7 @@ mod tests {
 
     #[test]
     fn synthetic_config_has_paligemma_3b_shapes() {
-        let c = synthetic_config(2, 2).unwrap();
+        let c = synthetic_config(2, 2, 224).unwrap();
         assert_eq!(c.num_image_tokens(), 256);
         assert_eq!(
             (c.vision.hidden_size, c.vision.intermediate_size),
@@ -776,7 +856,7 @@ mod tests {
 
     #[test]
     fn work_counts_match_hand_counts() {
-        let c = synthetic_config(1, 1).unwrap();
+        let c = synthetic_config(1, 1, 224).unwrap();
         // One Gemma-2B layer: q 2048², k and v 256·2048, o 2048², gate/up/down 3·2048·16384.
         let layer = 2.0 * 2048.0 * 2048.0 + 2.0 * 256.0 * 2048.0 + 3.0 * 2048.0 * 16384.0;
         let head = 257216.0 * 2048.0;
@@ -853,7 +933,7 @@ mod tests {
 
     #[test]
     fn probes_measure_something() {
-        let gpu = crate::ops::testutil::gpu_with_limit(None);
+        let gpu = Gpu::new(paligemma::gpu::GpuOptions::default()).unwrap();
         let p = run_probes(&gpu).unwrap();
         assert!(p.fma_gflops > 0.0 && p.fma_gflops.is_finite(), "{p:?}");
         assert!(p.read_gbs > 0.0 && p.read_gbs.is_finite(), "{p:?}");
