@@ -26,7 +26,8 @@ pub type RequestId = u64;
 /// number of prompts about it without running the tower again (see
 /// [`PaliGemma::image_features`]). Only the features can be reused, not the KV cache: under
 /// PaliGemma's prefix-LM mask the image tokens attend to the prompt, so their keys and values
-/// depend on it. Cloning is cheap (the GPU buffer is shared).
+/// depend on it. Cloning is cheap (the GPU buffer is shared). Use them only with the model
+/// (and so the device) that computed them.
 #[derive(Debug, Clone)]
 pub struct ImageFeatures {
     pub(crate) tensor: Tensor,
@@ -331,8 +332,9 @@ impl<'m> Scheduler<'m> {
     /// Admit queued requests into free slots (vision tower and prefill, in bounded
     /// submissions), then decode one token for every live sequence in one submission.
     /// Returns the text pieces and finished requests of this step. A request that fails
-    /// (for example its GPU memory cannot be allocated) finishes with its error; an error
-    /// of the shared decode step is returned and ends every live request.
+    /// (for example its GPU memory cannot be allocated) finishes with its error; a failed
+    /// decode step finishes every live request with that error. The call itself fails only
+    /// when the first tokens of newly admitted requests cannot be read back.
     pub fn step(&mut self) -> Result<Vec<SchedulerEvent>> {
         let mut events = std::mem::take(&mut self.pending);
         let mut first = Vec::new();
@@ -370,7 +372,7 @@ impl<'m> Scheduler<'m> {
                         result: Err(Error::Gpu(format!("decode step failed: {e}"))),
                     });
                 }
-                return Err(e);
+                self.plan = None;
             }
         }
         let mut i = 0;
