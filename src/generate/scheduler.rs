@@ -511,38 +511,14 @@ impl<'m> Scheduler<'m> {
     /// Copy the first `slots` picks to the host (after a prefill).
     fn read_picks(&self, slots: usize) -> Result<Vec<u32>> {
         let gpu = &**self.model.gpu();
-        let bytes = 16 * slots as u64;
-        let mut encoder = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("picks"),
-            });
-        encoder.copy_buffer_to_buffer(self.picks.buffer(), 0, &self.readback, 0, bytes);
-        gpu.submissions.count_submission(0);
-        gpu.queue.submit([encoder.finish()]);
-        self.map_readback(bytes)
+        let bytes = gpu.read_through(self.picks.buffer(), 0, 16 * slots as u64, &self.readback)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Map the first `bytes` of the readback buffer after the submission that fills it.
     fn map_readback(&self, bytes: u64) -> Result<Vec<u32>> {
-        let gpu = &**self.model.gpu();
-        let slice = self.readback.slice(..bytes);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        gpu.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("readback callback never ran".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping the picks: {e}")))?;
-        let words = bytemuck::cast_slice(
-            &slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("reading the picks: {e}")))?,
-        )
-        .to_vec();
-        self.readback.unmap();
-        Ok(words)
+        let words = self.model.gpu().map_read(&self.readback, bytes)?;
+        Ok(bytemuck::pod_collect_to_vec(&words))
     }
 
     /// Record `step` as live sequence `i`'s next token: stream its text, check the stop

@@ -477,13 +477,31 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        self.read_through(buffer, offset, len, &staging)
+    }
+
+    /// Copy `len` bytes of `buffer` from `offset` into the mappable `staging` buffer (usage
+    /// `MAP_READ | COPY_DST`, at least `len` bytes) in one submission, and read them back.
+    pub(crate) fn read_through(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        len: u64,
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<u8>> {
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
+        encoder.copy_buffer_to_buffer(buffer, offset, staging, 0, len);
         self.submissions.count_submission(0);
         self.queue.submit([encoder.finish()]);
-        let slice = staging.slice(..);
+        self.map_read(staging, len)
+    }
+
+    /// Wait for the submitted work, then map the first `len` bytes of the mappable `staging`
+    /// buffer and copy them out (the buffer is unmapped again).
+    pub(crate) fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        let slice = staging.slice(..len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
