@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use paligemma::generate::{GenerateOptions, Generation, Timings};
+use paligemma::generate::{
+    GenerateOptions, Generation, ImageInput, Prompt, Request, SchedulerOptions, Timings,
+};
 use paligemma::gpu::{Gpu, KernelKey, Recorder, Tensor};
 use paligemma::model::{ModelBuilder, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
 use paligemma::processor::image::PixelValues;
@@ -265,7 +267,7 @@ pub struct StepCounts {
     pub longest_submission_s: f64,
 }
 
-/// Throughput of `batch` identical requests run together ([`PaliGemma::generate_batch_ids`]).
+/// Throughput of `batch` identical requests decoded together (one scheduler of `batch` slots).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct BatchFigures {
     /// Requests in the batch.
@@ -359,9 +361,17 @@ fn generate(
         stop_at_eos: false,
         ..Default::default()
     };
-    let requests = vec![(pixels, ids); batch];
-    let mut out = model.generate_batch_ids(&requests, &options, &mut |_, _| true)?;
-    Ok(out.swap_remove(0))
+    let request = Request {
+        image: ImageInput::Pixels(pixels.clone()),
+        prompt: Prompt::Ids(ids.to_vec()),
+        options,
+    };
+    let opts = SchedulerOptions {
+        max_sequences: batch,
+        ..Default::default()
+    };
+    let mut out = model.run_all(opts, vec![request; batch], &mut |_, _| true)?;
+    out.swap_remove(0)
 }
 
 /// Best timings of `runs` warm runs of `batch` requests (after one untimed run when `warm_up`:
