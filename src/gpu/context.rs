@@ -445,8 +445,7 @@ impl Gpu {
     /// completes, so loaders call this after every chunk to hold one chunk of staging memory
     /// at a time instead of a second copy of the whole model.
     pub fn flush_uploads(&self) -> Result<()> {
-        self.submissions.count_submission(0);
-        self.queue.submit(None);
+        self.submit(0, None);
         self.wait()
     }
 
@@ -457,6 +456,17 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))
+    }
+
+    /// Submit `buffers` (carrying `dispatches` kernel dispatches in all) to the queue, counted
+    /// in [`Gpu::submission_stats`]. Every submission of the crate goes through here.
+    pub(crate) fn submit(
+        &self,
+        dispatches: usize,
+        buffers: impl IntoIterator<Item = wgpu::CommandBuffer>,
+    ) -> wgpu::SubmissionIndex {
+        self.submissions.count_submission(dispatches);
+        self.queue.submit(buffers)
     }
 
     /// Submissions, dispatches and blocking waits so far (see [`SubmissionStats`]).
@@ -493,8 +503,7 @@ impl Gpu {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         encoder.copy_buffer_to_buffer(buffer, offset, staging, 0, len);
-        self.submissions.count_submission(0);
-        self.queue.submit([encoder.finish()]);
+        self.submit(0, [encoder.finish()]);
         self.map_read(staging, len)
     }
 

@@ -244,8 +244,7 @@ impl Plan {
             }
         }
         extra(&mut encoder);
-        gpu.submissions.count_submission(self.ops.len());
-        gpu.queue.submit([encoder.finish()])
+        gpu.submit(self.ops.len(), [encoder.finish()])
     }
 
     /// Submit and wait for completion (the time this takes is the longest-submission figure
