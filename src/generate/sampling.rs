@@ -109,14 +109,15 @@ pub fn logprobs(logits: &[f32], id: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
 }
 
 /// HF's `RepetitionPenaltyLogitsProcessor`: every token id in `history` (the prompt, image
-/// placeholders included, and the tokens generated so far) has its logit divided by
-/// `penalty` if positive, multiplied by it if negative. `penalty` 1 changes nothing.
-pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+/// placeholders included, and the tokens generated so far, as one or more slices) has its
+/// logit divided by `penalty` if positive, multiplied by it if negative, once however often
+/// it occurs. `penalty` 1 changes nothing.
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[&[u32]], penalty: f32) {
     if penalty == 1.0 {
         return;
     }
     let mut seen = vec![false; logits.len()];
-    for &id in history {
+    for &id in history.iter().flat_map(|h| h.iter()) {
         let i = id as usize;
         if i < logits.len() && !seen[i] {
             seen[i] = true;
@@ -188,10 +189,10 @@ mod tests {
     fn repetition_penalty_follows_hf() {
         let mut logits = vec![2.0f32, -1.0, 0.5, 3.0];
         // Token 0 twice: penalised once, as HF gathers and scatters unique ids.
-        apply_repetition_penalty(&mut logits, &[0, 1, 0], 2.0);
+        apply_repetition_penalty(&mut logits, &[&[0, 1], &[0]], 2.0);
         assert_eq!(logits, vec![1.0, -2.0, 0.5, 3.0]);
         let mut same = vec![2.0f32, -1.0];
-        apply_repetition_penalty(&mut same, &[0, 1], 1.0);
+        apply_repetition_penalty(&mut same, &[&[0, 1]], 1.0);
         assert_eq!(same, vec![2.0, -1.0]);
     }
 

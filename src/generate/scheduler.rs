@@ -133,8 +133,6 @@ struct Live {
     stop: StopText,
     out: Generation,
     prompt_ids: Vec<u32>,
-    /// The token the next decode step feeds.
-    next: u32,
     /// The first token, when it was chosen on the host at admission.
     first: Option<Step>,
     decode_start: Instant,
@@ -248,22 +246,9 @@ impl<'m> Scheduler<'m> {
                 "the prompt must start with {n_img} image tokens followed by text"
             )));
         }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= config.text.vocab_size) {
-            return Err(Error::Request(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                config.text.vocab_size
-            )));
-        }
+        model.decoder().check_ids(&ids)?;
         match &image {
-            ImageInput::Pixels(px) => {
-                let s = config.vision.image_size;
-                if px.height != s || px.width != s || px.data.len() != 3 * s * s {
-                    return Err(Error::Request(format!(
-                        "pixel values are {}×{}, the model expects {s}×{s}",
-                        px.height, px.width
-                    )));
-                }
-            }
+            ImageInput::Pixels(px) => model.vision_tower().check_pixels(px)?,
             ImageInput::Features(f) => {
                 let want = [n_img, config.text.hidden_size];
                 if f.tensor.shape() != want {
@@ -436,7 +421,12 @@ impl<'m> Scheduler<'m> {
         let first = match q.options.needs_logits() {
             true => {
                 let mut logits = prefill.logits().read(gpu)?;
-                Some(host_choice(&q.options, &q.ids, &mut sampler, &mut logits))
+                Some(host_choice(
+                    &q.options,
+                    &[&q.ids],
+                    &mut sampler,
+                    &mut logits,
+                ))
             }
             false => None,
         };
@@ -450,7 +440,6 @@ impl<'m> Scheduler<'m> {
             stream: TextStream::default(),
             out,
             prompt_ids: q.ids,
-            next: 0,
             first,
             decode_start: Instant::now(),
             finished: None,
@@ -466,17 +455,25 @@ impl<'m> Scheduler<'m> {
             self.batch = Some(text.batch(gpu, self.opts.max_sequences)?);
         }
         let batch = self.batch.as_ref().expect("allocated above");
-        let ids: Vec<u32> = stepping.iter().map(|&i| self.live[i].next).collect();
+        // Each stepping sequence feeds the token it generated last.
+        let ids: Vec<u32> = stepping
+            .iter()
+            .map(|&i| {
+                *self.live[i]
+                    .out
+                    .token_ids
+                    .last()
+                    .expect("admission made one")
+            })
+            .collect();
         let mut rec = Recorder::new(gpu);
-        {
-            let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(stepping.len());
-            let mut rest = self.live.iter_mut().enumerate();
-            for &i in stepping {
-                let (_, live) = rest.find(|(j, _)| *j == i).expect("stepping is sorted");
-                seqs.push(&mut live.seq);
-            }
-            text.record_step(&mut rec, batch, &mut seqs, &ids)?;
-        }
+        let mut seqs: Vec<&mut Sequence> = self
+            .live
+            .iter_mut()
+            .filter(|l| l.finished.is_none())
+            .map(|l| &mut l.seq)
+            .collect();
+        text.record_step(&mut rec, batch, &mut seqs, &ids)?;
         for (row, &i) in stepping.iter().enumerate() {
             if !self.live[i].options.needs_logits() {
                 argmax_logprob(&mut rec, batch.logits(), row, &self.picks, row)?;
@@ -495,8 +492,7 @@ impl<'m> Scheduler<'m> {
             steps.push(match live.options.needs_logits() {
                 true => {
                     let mut logits = batch.logits().read_rows(gpu, row, 1)?;
-                    let mut history = live.prompt_ids.clone();
-                    history.extend_from_slice(&live.out.token_ids);
+                    let history = [live.prompt_ids.as_slice(), &live.out.token_ids];
                     host_choice(&live.options, &history, &mut live.sampler, &mut logits)
                 }
                 false => pick_step(row, &picks),
@@ -542,7 +538,6 @@ impl<'m> Scheduler<'m> {
         }
         live.out.steps.push(step);
         live.out.token_ids.push(id);
-        live.next = id;
         if live.out.token_ids.len() == 1 {
             live.decode_start = Instant::now();
         }
@@ -634,23 +629,18 @@ fn pick_step(slot: usize, picks: &[u32]) -> Step {
 }
 
 /// Choose on the host: log-probabilities of the raw logits, then HF's repetition penalty over
-/// `history` (prompt and generated tokens), then the sampler.
+/// `history` (the prompt and the generated tokens), then the sampler.
 fn host_choice(
     options: &GenerateOptions,
-    history: &[u32],
+    history: &[&[u32]],
     sampler: &mut Sampler,
     logits: &mut [f32],
 ) -> Step {
-    let id_and_top = |logits: &[f32], id| logprobs(logits, id, options.top_logprobs);
-    let (id, (logprob, top)) = if options.repetition_penalty != 1.0 {
-        let raw = logits.to_vec();
-        apply_repetition_penalty(logits, history, options.repetition_penalty);
-        let id = sampler.sample(logits);
-        (id, id_and_top(&raw, id))
-    } else {
-        let id = sampler.sample(logits);
-        (id, id_and_top(logits, id))
-    };
+    // The penalty changes the logits the sampler sees, not the reported log-probabilities.
+    let raw = (options.repetition_penalty != 1.0).then(|| logits.to_vec());
+    apply_repetition_penalty(logits, history, options.repetition_penalty);
+    let id = sampler.sample(logits);
+    let (logprob, top) = logprobs(raw.as_deref().unwrap_or(logits), id, options.top_logprobs);
     Step {
         id,
         text: String::new(),

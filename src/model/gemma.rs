@@ -472,7 +472,8 @@ impl Gemma {
         })
     }
 
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+    /// Check every id is inside the vocabulary.
+    pub(crate) fn check_ids(&self, ids: &[u32]) -> Result<()> {
         match ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             Some(id) => Err(Error::Request(format!(
                 "token id {id} is outside the vocabulary of {}",

@@ -323,8 +323,8 @@ impl VisionTower {
             .record(rec, &a.h, features, Act::None, Combine::Store)
     }
 
-    /// Upload `pixels` into `a.pixels`, checking the resolution.
-    pub fn upload(&self, gpu: &Gpu, a: &VisionActivations, pixels: &PixelValues) -> Result<()> {
+    /// Check that `pixels` have the tower's resolution.
+    pub(crate) fn check_pixels(&self, pixels: &PixelValues) -> Result<()> {
         let s = self.cfg.image_size;
         if pixels.height != s || pixels.width != s || pixels.data.len() != 3 * s * s {
             return Err(Error::Request(format!(
@@ -332,6 +332,12 @@ impl VisionTower {
                 pixels.height, pixels.width
             )));
         }
+        Ok(())
+    }
+
+    /// Upload `pixels` into `a.pixels`, checking the resolution.
+    pub fn upload(&self, gpu: &Gpu, a: &VisionActivations, pixels: &PixelValues) -> Result<()> {
+        self.check_pixels(pixels)?;
         gpu.queue
             .write_buffer(a.pixels.buffer(), 0, bytemuck::cast_slice(&pixels.data));
         Ok(())
