@@ -78,14 +78,7 @@ fn kernel_uses() -> Vec<KernelUse> {
     let mut uses = Vec::new();
     for (shader, src) in shaders::ALL {
         // The shaders are validated by the test suite; a failure here is a build defect.
-        let module = naga::front::wgsl::parse_str(src)
-            .unwrap_or_else(|e| panic!("{shader}.wgsl: {}", e.emit_to_string(src)));
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{shader}.wgsl: {}", e.emit_to_string(src)));
+        let (module, info) = shaders::validate(shader, src).unwrap_or_else(|e| panic!("{e}"));
         for (i, ep) in module.entry_points.iter().enumerate() {
             let used = info.get_entry_point(i);
             let mut k = KernelUse {

@@ -30,6 +30,24 @@ pub const ALL: &[(&str, &str)] = &[
     ("quant", include_str!("../../shaders/quant.wgsl")),
 ];
 
+/// Parse and validate `src` (the shader `name`) with naga under the capabilities every wgpu
+/// backend but old GL has (`unpack2x16float` needs f16-in-f32 conversion); the error is
+/// naga's message with the source location.
+pub(crate) fn validate(
+    name: &str,
+    src: &str,
+) -> Result<(naga::Module, naga::valid::ModuleInfo), String> {
+    let module = naga::front::wgsl::parse_str(src)
+        .map_err(|e| format!("{name}.wgsl: {}", e.emit_to_string(src)))?;
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+    )
+    .validate(&module)
+    .map_err(|e| format!("{name}.wgsl: {}", e.emit_to_string(src)))?;
+    Ok((module, info))
+}
+
 /// The source of the shader called `name`.
 pub fn source(name: &str) -> Option<&'static str> {
     ALL.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
@@ -37,19 +55,11 @@ pub fn source(name: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    /// Every shader parses and validates with naga, without a GPU, under the capabilities
-    /// every wgpu backend but old GL has (`unpack2x16float` needs f16-in-f32 conversion).
+    /// Every shader parses and validates with naga, without a GPU.
     #[test]
     fn all_shaders_validate() {
         for (name, src) in super::ALL {
-            let module = naga::front::wgsl::parse_str(src)
-                .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
-            naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-            )
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
+            super::validate(name, src).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 
