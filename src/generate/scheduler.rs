@@ -337,7 +337,11 @@ impl<'m> Scheduler<'m> {
             }
         }
         if !first.is_empty() {
-            let picks = self.read_picks(self.live.len())?;
+            // Requests that chose their first token on the host need no readback.
+            let picks = match first.iter().any(|&slot| self.live[slot].first.is_none()) {
+                true => self.read_picks(self.live.len())?,
+                false => Vec::new(),
+            };
             for &slot in &first {
                 let step = match self.live[slot].first.take() {
                     Some(step) => step,
