@@ -1,5 +1,6 @@
 //! Row-wise normalisation (`shaders/norm.wgsl`) over the last dimension, one workgroup per
-//! row, f32 throughout:
+//! row on GPUs and one SIMD lane per row on CPU adapters (when the width is a multiple of 4),
+//! f32 throughout:
 //!
 //! - [`layer_norm`]: `(x − mean) / √(var + eps) · w + b` with the biased variance, as torch
 //!   `LayerNorm` (SigLIP);
@@ -31,16 +32,46 @@ struct Params {
     pad: [u32; 3],
 }
 
+/// Which kernel family a norm runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// One workgroup per row with a tree reduction (GPUs).
+    Rows,
+    /// One lane per row, no barriers (CPU adapters; needs `cols % 4 == 0`).
+    Lanes,
+}
+
+impl Family {
+    fn choose(rec: &Recorder, cols: usize) -> Self {
+        if rec.gpu().info.device_type == wgpu::DeviceType::Cpu && cols.is_multiple_of(4) {
+            Family::Lanes
+        } else {
+            Family::Rows
+        }
+    }
+
+    /// The entry point of `kernel` in this family, and its workgroup counts for `rows`.
+    fn entry(self, rec: &Recorder, kernel: &'static str, rows: u32) -> (&'static str, [u32; 3]) {
+        match (self, kernel) {
+            (Family::Rows, _) => (kernel, rec.grid(rows)),
+            (Family::Lanes, "layer_norm") => ("layer_norm_lanes", rec.grid(rows.div_ceil(64))),
+            (Family::Lanes, _) => ("rms_norm_lanes", rec.grid(rows.div_ceil(64))),
+        }
+    }
+}
+
 /// Check the common arguments and build the parameters and workgroup counts.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     rec: &Recorder,
-    kernel: &str,
+    kernel: &'static str,
     x: &Tensor,
     weight: &Tensor,
     out: &Tensor,
     eps: f32,
     opts: NormOpts,
-) -> Result<(Params, [u32; 3])> {
+    family: Option<Family>,
+) -> Result<(Params, KernelKey, [u32; 3])> {
     let cols = x.cols();
     let rows = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
     check(
@@ -91,7 +122,12 @@ fn prepare(
         eps,
         pad: [0; 3],
     };
-    Ok((params, rec.grid(params.rows)))
+    let family = family.unwrap_or_else(|| Family::choose(rec, cols));
+    check(family == Family::Rows || cols.is_multiple_of(4), kernel, || {
+        format!("the lane kernels need cols % 4 == 0, got {cols}")
+    })?;
+    let (entry, workgroups) = family.entry(rec, kernel, params.rows);
+    Ok((params, KernelKey::new("norm", entry), workgroups))
 }
 
 /// Record `out[out_row + r] = (x[x_row + r] − mean) / √(var + eps) · weight + bias` for `r` in
@@ -107,14 +143,28 @@ pub fn layer_norm(
     eps: f32,
     opts: NormOpts,
 ) -> Result<()> {
+    layer_norm_with(rec, x, weight, bias, out, eps, opts, None)
+}
+
+/// [`layer_norm`] with the kernel family given (tests run both on one adapter).
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_with(
+    rec: &mut Recorder,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    out: &Tensor,
+    eps: f32,
+    opts: NormOpts,
+    family: Option<Family>,
+) -> Result<()> {
     const K: &str = "layer_norm";
-    let (params, workgroups) = prepare(rec, K, x, weight, out, eps, opts)?;
+    let (params, key, workgroups) = prepare(rec, K, x, weight, out, eps, opts, family)?;
     check(
         bias.dtype() == DType::F32 && bias.numel() == x.cols(),
         K,
         || format!("bias {} must be f32 [{}]", bias.name(), x.cols()),
     )?;
-    let key = KernelKey::new("norm", "layer_norm");
     let buffers = [x.buffer(), weight.buffer(), out.buffer(), bias.buffer()];
     rec.dispatch(&key, &params, &buffers, workgroups)?;
     Ok(())
@@ -131,8 +181,20 @@ pub fn rms_norm(
     eps: f32,
     opts: NormOpts,
 ) -> Result<()> {
-    let (params, workgroups) = prepare(rec, "rms_norm", x, weight, out, eps, opts)?;
-    let key = KernelKey::new("norm", "rms_norm");
+    rms_norm_with(rec, x, weight, out, eps, opts, None)
+}
+
+/// [`rms_norm`] with the kernel family given (tests run both on one adapter).
+fn rms_norm_with(
+    rec: &mut Recorder,
+    x: &Tensor,
+    weight: &Tensor,
+    out: &Tensor,
+    eps: f32,
+    opts: NormOpts,
+    family: Option<Family>,
+) -> Result<()> {
+    let (params, key, workgroups) = prepare(rec, "rms_norm", x, weight, out, eps, opts, family)?;
     let buffers = [x.buffer(), weight.buffer(), out.buffer()];
     rec.dispatch(&key, &params, &buffers, workgroups)?;
     Ok(())
@@ -171,7 +233,22 @@ mod tests {
     use super::*;
     use crate::ops::testutil::{assert_close, gpu_with_limit, rand_vec};
 
+    /// The families that can run a width-`cols` norm.
+    fn families(cols: usize) -> Vec<Family> {
+        let mut f = vec![Family::Rows];
+        if cols.is_multiple_of(4) {
+            f.push(Family::Lanes);
+        }
+        f
+    }
+
     fn layer_norm_case(rows: usize, cols: usize, offset: f32, tol: f32) {
+        for family in families(cols) {
+            layer_norm_family(rows, cols, offset, tol, family);
+        }
+    }
+
+    fn layer_norm_family(rows: usize, cols: usize, offset: f32, tol: f32, family: Family) {
         let gpu = gpu_with_limit(None);
         let x: Vec<f32> = rand_vec(rows * cols, 2.0, 11)
             .iter()
@@ -184,10 +261,11 @@ mod tests {
         let bt = Tensor::from_f32(&gpu, "b", &[cols], &b).unwrap();
         let ot = Tensor::zeros(&gpu, "out", &[rows, cols]).unwrap();
         let mut rec = Recorder::new(&gpu);
-        layer_norm(&mut rec, &xt, &wt, &bt, &ot, 1e-6, NormOpts::default()).unwrap();
+        let d = NormOpts::default();
+        layer_norm_with(&mut rec, &xt, &wt, &bt, &ot, 1e-6, d, Some(family)).unwrap();
         rec.run().unwrap();
         let want = layer_norm_ref(&x, &w, &b, cols, 1e-6);
-        let what = format!("layer_norm rows={rows} cols={cols} offset={offset}");
+        let what = format!("layer_norm {family:?} rows={rows} cols={cols} offset={offset}");
         assert_close(&ot.read(&gpu).unwrap(), &want, tol, &what);
     }
 
@@ -197,6 +275,8 @@ mod tests {
         layer_norm_case(5, 72, 0.0, 1e-5);
         layer_norm_case(300, 1152, 0.0, 1e-5);
         layer_norm_case(3, 2050, 0.5, 1e-5);
+        // More than one lane workgroup.
+        layer_norm_case(130, 96, 0.0, 1e-5);
     }
 
     #[test]
@@ -209,12 +289,16 @@ mod tests {
     #[test]
     fn rms_norm_matches_reference_with_row_offsets() {
         let gpu = gpu_with_limit(None);
-        for (xrows, cols, x_row, out_row, rows) in [
+        for ((xrows, cols, x_row, out_row, rows), family) in [
             (7, 37, 2, 0, 5),
             (1, 2050, 0, 3, 1),
             (310, 1152, 10, 4, 300),
             (6, 72, 1, 1, 5),
-        ] {
+            (140, 128, 3, 2, 131),
+        ]
+        .into_iter()
+        .flat_map(|c| families(c.1).into_iter().map(move |f| (c, f)))
+        {
             let x = rand_vec(xrows * cols, 3.0, 21);
             let w = rand_vec(cols, 0.5, 22);
             let orows = out_row + rows + 1;
@@ -228,13 +312,13 @@ mod tests {
                 out_row,
                 rows: Some(rows),
             };
-            rms_norm(&mut rec, &xt, &wt, &ot, 1e-6, opts).unwrap();
+            rms_norm_with(&mut rec, &xt, &wt, &ot, 1e-6, opts, Some(family)).unwrap();
             rec.run().unwrap();
             let mut want = init.clone();
             let sel = &x[x_row * cols..(x_row + rows) * cols];
             want[out_row * cols..(out_row + rows) * cols]
                 .copy_from_slice(&rms_norm_ref(sel, &w, cols, 1e-6));
-            let what = format!("rms_norm cols={cols} x_row={x_row} out_row={out_row}");
+            let what = format!("rms_norm {family:?} cols={cols} x_row={x_row} out_row={out_row}");
             assert_close(&ot.read(&gpu).unwrap(), &want, 1e-5, &what);
         }
     }
