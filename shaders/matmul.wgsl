@@ -28,7 +28,9 @@
 // lane-interleaved (`wrow`), so that the rows the lanes of one SIMD step read are neighbours
 // in memory: one stream per core for the prefetchers instead of one per row.
 // `matmul_lanes`: 4 rows x 4 columns per lane (columns nb, nb + 64, nb + 128, nb + 192),
-// 4 rows x 256 columns per workgroup. `matvec_lanes`: one row, 8 columns per lane, 512
+// 4 rows x 256 columns per workgroup; `matmul_lanes8` the same with 8 lanes (one SIMD step),
+// 4 rows x 32 columns per workgroup, for chunks whose width would leave many of the wide
+// kernel's columns idle (96, 128 or 384 columns). `matvec_lanes`: one row, 8 columns per lane, 512
 // columns per workgroup (linear index wid.x + wid.y * nwg.x).
 
 struct Params {
@@ -242,29 +244,29 @@ fn step2(acc: vec4<f32>, x_lo: f32, x_hi: f32, w: Pair) -> vec4<f32> {
     return fma(vec4<f32>(x_hi), w.hi, fma(vec4<f32>(x_lo), w.lo, acc));
 }
 
-// Store 4 columns col, col + 64, col + 128, col + 192 of one row, those inside the chunk.
-fn store4(row: u32, col: u32, v: vec4<f32>) {
+// Store 4 columns col, col + stride, col + 2 stride, col + 3 stride of one row, those inside
+// the chunk.
+fn store4(row: u32, col: u32, stride: u32, v: vec4<f32>) {
     for (var c = 0u; c < 4u; c++) {
-        if (col + 64u * c < p.n) {
-            store(row, col + 64u * c, v[c]);
+        if (col + stride * c < p.n) {
+            store(row, col + stride * c, v[c]);
         }
     }
 }
 
-@compute @workgroup_size(64, 1, 1)
-fn matmul_lanes(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) t: u32,
-) {
-    let nb = wid.x * 256u + t;
+// `matmul_lanes` with `lanes` lanes a workgroup (a constant at each call, folded by the
+// compiler): lane t computes columns nb, nb + lanes, nb + 2 lanes, nb + 3 lanes of 4 rows.
+fn matmul_lanes_body(wid: vec3<u32>, t: u32, lanes: u32) {
+    let span = 4u * lanes;
+    let nb = wid.x * span + t;
     let m0 = wid.y * 4u;
     // Out-of-range columns and rows read a valid one and are not stored.
-    // The four rows lie in one group (a workgroup covers half of one).
+    // The four rows lie in one group (a workgroup covers part of one).
     let w0 = wrow(min(nb, p.n - 1u));
-    let w1 = wrow(min(nb + 64u, p.n - 1u));
-    let w2 = wrow(min(nb + 128u, p.n - 1u));
-    let w3 = wrow(min(nb + 192u, p.n - 1u));
-    let ws = wstep(wid.x * 256u);
+    let w1 = wrow(min(nb + lanes, p.n - 1u));
+    let w2 = wrow(min(nb + 2u * lanes, p.n - 1u));
+    let w3 = wrow(min(nb + 3u * lanes, p.n - 1u));
+    let ws = wstep(wid.x * span);
     let x0 = (min(m0, p.m - 1u) + p.x_row) * p.x_stride / 4u;
     let x1 = (min(m0 + 1u, p.m - 1u) + p.x_row) * p.x_stride / 4u;
     let x2 = (min(m0 + 2u, p.m - 1u) + p.x_row) * p.x_stride / 4u;
@@ -309,9 +311,26 @@ fn matmul_lanes(
     let rows = array<vec4<f32>, 4>(a0, a1, a2, a3);
     for (var r = 0u; r < 4u; r++) {
         if (m0 + r < p.m) {
-            store4(m0 + r, nb, rows[r]);
+            store4(m0 + r, nb, lanes, rows[r]);
         }
     }
+}
+
+
+@compute @workgroup_size(64, 1, 1)
+fn matmul_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    matmul_lanes_body(wid, t, 64u);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn matmul_lanes8(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    matmul_lanes_body(wid, t, 8u);
 }
 
 @compute @workgroup_size(64, 1, 1)
@@ -360,6 +379,6 @@ fn matvec_lanes(
             b = step2(b, u.z, u.w, pair(q4.w, q5.w, q6.w, q7.w));
         }
     }
-    store4(0u, nb, a);
-    store4(0u, nb + 256u, b);
+    store4(0u, nb, 64u, a);
+    store4(0u, nb + 256u, 64u, b);
 }

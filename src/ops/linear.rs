@@ -40,6 +40,15 @@ struct Params {
 /// Rows at or below which the matrix-vector kernel is used instead of the tiled one.
 const MATVEC_MAX_ROWS: usize = 4;
 
+/// Whether a lane-kernel chunk of `rows` weight rows (output columns) goes to the 8-lane
+/// `matmul_lanes8` (32 columns a workgroup) rather than `matmul_lanes` (256): when the wide
+/// kernel would leave more than an eighth as many columns idle as it computes (96, 128, 384
+/// columns; not 1152, 2048, 4304 or 16384, where the wide workgroups' longer contiguous
+/// weight runs suit the prefetchers).
+pub(crate) fn narrow(rows: usize) -> bool {
+    rows.div_ceil(256) * 256 - rows > rows / 8
+}
+
 /// Which family of kernels a [`linear`] launch uses (`shaders/matmul.wgsl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernels {
@@ -96,15 +105,16 @@ pub(crate) fn linear_with(
         format!("{} must be f16", w.name())
     })?;
     let (n, k, m) = check_args(K, x, w, bias, out, &opts, kernels)?;
-    let entry = match (kernels, m) {
-        (Kernels::Lanes, 1) => "matvec_lanes",
-        (Kernels::Lanes, _) => "matmul_lanes",
-        (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS => "matvec",
-        (Kernels::Threads, _) => "matmul",
-    };
-    let key = KernelKey::new("matmul", entry);
     let epilogue = bias.is_some() as u32 | opts.act.code() << 1 | opts.combine.code() << 2;
     for chunk in w.chunks() {
+        let entry = match (kernels, m) {
+            (Kernels::Lanes, 1) => "matvec_lanes",
+            (Kernels::Lanes, _) if narrow(chunk.rows) => "matmul_lanes8",
+            (Kernels::Lanes, _) => "matmul_lanes",
+            (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS => "matvec",
+            (Kernels::Threads, _) => "matmul",
+        };
+        let key = KernelKey::new("matmul", entry);
         let params = Params {
             m: u32_arg(K, "rows", m)?,
             n: u32_arg(K, "n", chunk.rows)?,
@@ -128,6 +138,7 @@ pub(crate) fn linear_with(
             }
             "matvec_lanes" => rec.grid(chunk.rows.div_ceil(512) as u32),
             "matmul_lanes" => [chunk.rows.div_ceil(256) as u32, m.div_ceil(4) as u32, 1],
+            "matmul_lanes8" => [chunk.rows.div_ceil(32) as u32, m.div_ceil(4) as u32, 1],
             _ => [chunk.rows.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
         };
         rec.dispatch(&key, &params, &buffers, workgroups)?;
@@ -320,6 +331,10 @@ mod tests {
         // k % 8 == 4 (the lane kernels' half step) and more than 256 columns.
         run_case(None, 9, 300, 100, true, Act::GeluTanh, Combine::Add);
         run_case(None, 6, 520, 12, false, Act::None, Combine::Store);
+        // Narrow chunks (the 8-lane kernel): 96 and 384 columns, and a ragged 45.
+        assert!(narrow(96) && narrow(384) && narrow(45) && !narrow(1152) && !narrow(2048));
+        run_case(None, 13, 96, 64, true, Act::GeluTanh, Combine::Add);
+        run_case(None, 9, 384, 36, false, Act::None, Combine::Mul);
     }
 
     #[test]
