@@ -240,16 +240,21 @@ fn attention(
 }
 
 // ---------------------------------------------------------------------------------------------
-// `attention_lanes` (CPU drivers such as lavapipe): each thread owns two query vectors, the 64
-// threads of a workgroup a chunk of LQ = 128. Every K/V load has the same address in all
-// lanes (a scalar load on a SIMD CPU) and feeds both queries; no workgroup memory, no
-// barrier. Each thread keeps its scaled queries and accumulators in private arrays. Keys go
-// in blocks of KB (one rescale per block), 8 at a time.
+// `attention_lanes` (CPU drivers such as lavapipe): each thread owns four query vectors, the
+// 32 threads of a workgroup a chunk of LQ = 128 (thread t: first + t + 32 i, i < 4). Every
+// K/V load has the same address in all lanes (a scalar load on a SIMD CPU) and feeds all four
+// queries; no workgroup memory, no barrier. Each thread keeps its scaled queries and
+// accumulators in private arrays. Keys go in blocks of KB (one rescale per block), 4 at a time.
 
-const LQ: u32 = 128u; // query vectors per workgroup, two per thread
+const LQ: u32 = 128u; // query vectors per workgroup, four per thread
+const LT: u32 = 32u; // threads per workgroup
 const KB: u32 = 32u; // keys per softmax block
 
-@compute @workgroup_size(64, 1, 1)
+fn visible4(j: u32, lo: vec4<u32>, n: vec4<u32>) -> vec4<bool> {
+    return (vec4<u32>(j) >= lo) & (vec4<u32>(j) < n);
+}
+
+@compute @workgroup_size(32, 1, 1)
 fn attention_lanes(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -266,102 +271,95 @@ fn attention_lanes(
     let n_max = keys_for(last / p.group);
     let hd = p.head_dim;
     let kbase = kh * hd;
-    // Thread t takes query vectors first + t and first + 64 + t; a missing second one is
-    // replaced by the chunk's last (computed, not stored).
+    // Missing query vectors are replaced by the chunk's last (computed, not stored).
     if (first + t >= items) {
         return; // no barriers below: lanes may leave
     }
-    var n: array<u32, 2>;
-    var lo: array<u32, 2>;
-    var base: array<u32, 2>;
-    for (var i = 0u; i < 2u; i++) {
-        let f = min(first + t + i * 64u, items - 1u);
+    var n: vec4<u32>;
+    var lo: vec4<u32>;
+    var base: vec4<u32>;
+    for (var i = 0u; i < 4u; i++) {
+        let f = min(first + t + i * LT, items - 1u);
         let row = f / p.group;
         n[i] = keys_for(row);
         lo[i] = first_key(row);
         base[i] = (p.q_row0 + row) * p.q_stride + (kh * p.group + f % p.group) * hd;
     }
-    let two = first + t + 64u < items;
-    var qv: array<vec2<f32>, MAXD>;
-    var acc: array<vec2<f32>, MAXD>;
+    var qv: array<vec4<f32>, MAXD>;
+    var acc: array<vec4<f32>, MAXD>;
     for (var d = 0u; d < hd; d++) {
-        qv[d] = vec2<f32>(q[base[0] + d], q[base[1] + d]) * p.scale;
-        acc[d] = vec2<f32>(0.0);
+        qv[d] = vec4<f32>(q[base.x + d], q[base.y + d], q[base.z + d], q[base.w + d]) * p.scale;
+        acc[d] = vec4<f32>(0.0);
     }
-    var m = vec2<f32>(NEG);
-    var l = vec2<f32>(0.0);
+    var m = vec4<f32>(NEG);
+    var l = vec4<f32>(0.0);
     let lo_min = first_key(first / p.group);
     for (var j0 = lo_min; j0 < n_max; j0 += KB) {
-        // Keys j0 .. j0 + nb8 in groups of 8; those past n_max read row n_max - 1 (valid data)
+        // Keys j0 .. j0 + nb4 in groups of 4; those past n_max read row n_max - 1 (valid data)
         // and are masked like the keys past n.
-        let nb8 = min(KB, (n_max - j0 + 7u) & ~7u);
-        var s: array<vec2<f32>, KB>;
-        var mb = vec2<f32>(NEG);
-        for (var b = 0u; b < nb8; b += 8u) {
-            var r: array<u32, 8>;
-            for (var e = 0u; e < 8u; e++) {
-                r[e] = min(j0 + b + e, n_max - 1u) * p.kv_stride + kbase;
-            }
-            var sa = vec4<f32>(0.0);
-            var sb = vec4<f32>(0.0);
-            var sc = vec4<f32>(0.0);
-            var sd = vec4<f32>(0.0);
+        let nb4 = min(KB, (n_max - j0 + 3u) & ~3u);
+        // s[b] holds key j0 + b's scores for the four queries.
+        var s: array<vec4<f32>, KB>;
+        var mb = vec4<f32>(NEG);
+        for (var b = 0u; b < nb4; b += 4u) {
+            let r0 = min(j0 + b, n_max - 1u) * p.kv_stride + kbase;
+            let r1 = min(j0 + b + 1u, n_max - 1u) * p.kv_stride + kbase;
+            let r2 = min(j0 + b + 2u, n_max - 1u) * p.kv_stride + kbase;
+            let r3 = min(j0 + b + 3u, n_max - 1u) * p.kv_stride + kbase;
+            var s0 = vec4<f32>(0.0);
+            var s1 = vec4<f32>(0.0);
+            var s2 = vec4<f32>(0.0);
+            var s3 = vec4<f32>(0.0);
             for (var d = 0u; d < hd; d++) {
-                let k0 = vec4<f32>(k[r[0] + d], k[r[1] + d], k[r[2] + d], k[r[3] + d]);
-                let k1 = vec4<f32>(k[r[4] + d], k[r[5] + d], k[r[6] + d], k[r[7] + d]);
                 let qd = qv[d];
-                sa = fma(vec4<f32>(qd.x), k0, sa);
-                sb = fma(vec4<f32>(qd.x), k1, sb);
-                sc = fma(vec4<f32>(qd.y), k0, sc);
-                sd = fma(vec4<f32>(qd.y), k1, sd);
+                s0 = fma(qd, vec4<f32>(k[r0 + d]), s0);
+                s1 = fma(qd, vec4<f32>(k[r1 + d]), s1);
+                s2 = fma(qd, vec4<f32>(k[r2 + d]), s2);
+                s3 = fma(qd, vec4<f32>(k[r3 + d]), s3);
             }
-            sa = cap4(sa);
-            sb = cap4(sb);
-            sc = cap4(sc);
-            sd = cap4(sd);
-            for (var e = 0u; e < 4u; e++) {
-                let j = j0 + b + e;
-                let j4 = j + 4u;
-                let s0 = select(vec2(NEG), vec2(sa[e], sc[e]), vec2(visible(j, lo[0], n[0]), visible(j, lo[1], n[1])));
-                let s1 = select(vec2(NEG), vec2(sb[e], sd[e]), vec2(visible(j4, lo[0], n[0]), visible(j4, lo[1], n[1])));
-                s[b + e] = s0;
-                s[b + 4u + e] = s1;
-                mb = max(mb, max(s0, s1));
-            }
+            let j = j0 + b;
+            s0 = select(vec4(NEG), cap4(s0), visible4(j, lo, n));
+            s1 = select(vec4(NEG), cap4(s1), visible4(j + 1u, lo, n));
+            s2 = select(vec4(NEG), cap4(s2), visible4(j + 2u, lo, n));
+            s3 = select(vec4(NEG), cap4(s3), visible4(j + 3u, lo, n));
+            s[b] = s0;
+            s[b + 1u] = s1;
+            s[b + 2u] = s2;
+            s[b + 3u] = s3;
+            mb = max(mb, max(max(s0, s1), max(s2, s3)));
         }
         let mn = max(m, mb);
         let alpha = exp(m - mn);
         m = mn;
         l *= alpha;
-        for (var b = 0u; b < nb8; b++) {
-            let j = j0 + b;
-            let pb = select(vec2<f32>(0.0), exp(s[b] - mn), vec2<bool>(visible(j, lo[0], n[0]), visible(j, lo[1], n[1])));
+        for (var b = 0u; b < nb4; b++) {
+            let pb = select(vec4<f32>(0.0), exp(s[b] - mn), visible4(j0 + b, lo, n));
             s[b] = pb;
             l += pb;
         }
-        for (var b = 0u; b < nb8; b += 8u) {
-            var r: array<u32, 8>;
-            for (var e = 0u; e < 8u; e++) {
-                r[e] = min(j0 + b + e, n_max - 1u) * p.kv_stride + kbase;
-            }
-            let pa = vec4<f32>(s[b].x, s[b + 1u].x, s[b + 2u].x, s[b + 3u].x);
-            let pb = vec4<f32>(s[b + 4u].x, s[b + 5u].x, s[b + 6u].x, s[b + 7u].x);
-            let pc = vec4<f32>(s[b].y, s[b + 1u].y, s[b + 2u].y, s[b + 3u].y);
-            let pd = vec4<f32>(s[b + 4u].y, s[b + 5u].y, s[b + 6u].y, s[b + 7u].y);
-            let a = select(vec2<f32>(1.0), alpha, b == 0u);
+        for (var b = 0u; b < nb4; b += 4u) {
+            let r0 = min(j0 + b, n_max - 1u) * p.kv_stride + kbase;
+            let r1 = min(j0 + b + 1u, n_max - 1u) * p.kv_stride + kbase;
+            let r2 = min(j0 + b + 2u, n_max - 1u) * p.kv_stride + kbase;
+            let r3 = min(j0 + b + 3u, n_max - 1u) * p.kv_stride + kbase;
+            let p0 = s[b];
+            let p1 = s[b + 1u];
+            let p2 = s[b + 2u];
+            let p3 = s[b + 3u];
+            let a = select(vec4<f32>(1.0), alpha, b == 0u);
             for (var d = 0u; d < hd; d++) {
-                let va = vec4<f32>(v[r[0] + d], v[r[1] + d], v[r[2] + d], v[r[3] + d]);
-                let vb = vec4<f32>(v[r[4] + d], v[r[5] + d], v[r[6] + d], v[r[7] + d]);
-                let add = vec2<f32>(dot(pa, va) + dot(pb, vb), dot(pc, va) + dot(pd, vb));
+                let add = fma(p3, vec4<f32>(v[r3 + d]), fma(p2, vec4<f32>(v[r2 + d]),
+                    fma(p1, vec4<f32>(v[r1 + d]), p0 * v[r0 + d])));
                 acc[d] = fma(acc[d], a, add);
             }
         }
     }
     let inv = 1.0 / l;
-    for (var d = 0u; d < hd; d++) {
-        out[base[0] + d] = acc[d].x * inv.x;
-        if (two) {
-            out[base[1] + d] = acc[d].y * inv.y;
+    for (var i = 0u; i < 4u; i++) {
+        if (first + t + i * LT < items) {
+            for (var d = 0u; d < hd; d++) {
+                out[base[i] + d] = acc[d][i] * inv[i];
+            }
         }
     }
 }
