@@ -20,9 +20,6 @@ struct Params {
     pad: [u32; 2],
 }
 
-/// Threads per workgroup in `patch.wgsl`.
-const WG: usize = 256;
-
 /// Record `out[py·(W/P) + px, c·P·P + ky·P + kx] = pixels[c, py·P + ky, px·P + kx]`.
 ///
 /// `pixels` is an f32 `[C, H, W]` image (C = 3 for RGB) with `H` and `W` multiples of
@@ -67,9 +64,9 @@ pub fn im2col(rec: &mut Recorder, pixels: &Tensor, out: &Tensor, patch: usize) -
             npy * npx
         )
     })?;
-    let n = npy * npx * k;
+    let n = npy * npx;
     let params = Params {
-        n: u32_arg(K, "elements", n)?,
+        n: u32_arg(K, "patches", n)?,
         k: u32_arg(K, "k", k)?,
         size: u32_arg(K, "patch", patch)?,
         npx: u32_arg(K, "patches per row", npx)?,
@@ -77,7 +74,7 @@ pub fn im2col(rec: &mut Recorder, pixels: &Tensor, out: &Tensor, patch: usize) -
         width: u32_arg(K, "width", width)?,
         pad: [0; 2],
     };
-    let workgroups = rec.grid(u32_arg(K, "workgroups", n.div_ceil(WG))?);
+    let workgroups = rec.grid(params.n);
     let key = KernelKey::new("patch", "im2col");
     rec.dispatch(&key, &params, &[pixels.buffer(), out.buffer()], workgroups)?;
     Ok(())

@@ -104,9 +104,6 @@ struct Params {
     pad: u32,
 }
 
-/// Threads per workgroup in `rope.wgsl`.
-const WG: usize = 256;
-
 /// Record the rotary embedding of rows `row0..row0 + rows` of `x` (f32
 /// `[.., heads·head_dim]`, rotated in place), row `row0 + j` at position `pos0 + j`.
 /// `table.head_dim()` is the head dimension; `pos0 + rows` must not exceed
@@ -143,9 +140,8 @@ pub fn rope(
             table.max_pos()
         )
     })?;
-    let n = rows * heads * (d / 2);
     let params = Params {
-        n: u32_arg(K, "rotations", n)?,
+        n: u32_arg(K, "rows", rows)?,
         row0: u32_arg(K, "row0", row0)?,
         pos0: u32_arg(K, "pos0", pos0)?,
         heads: u32_arg(K, "heads", heads)?,
@@ -154,7 +150,7 @@ pub fn rope(
         x_stride: u32_arg(K, "cols", x.cols())?,
         pad: 0,
     };
-    let workgroups = rec.grid(u32_arg(K, "workgroups", n.div_ceil(WG))?);
+    let workgroups = rec.grid(params.n);
     let key = KernelKey::new("rope", "rope");
     rec.dispatch(
         &key,
