@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::pipeline::PipelineCache;
-use super::recorder::{SubmissionCounters, SubmissionStats};
+use super::recorder::{KernelTime, SubmissionCounters, SubmissionStats};
 use super::shaders;
 use crate::{Error, Result};
 
@@ -32,6 +32,7 @@ pub struct Gpu {
     pub(crate) pipelines: PipelineCache,
     bytes_created: AtomicU64,
     pub(crate) submissions: SubmissionCounters,
+    pub(crate) profile: std::sync::Mutex<Option<Vec<KernelTime>>>,
 }
 
 const NO_ADAPTER_HELP: &str = "no GPU adapter found. paligemma needs Vulkan, Metal or DX12. \
@@ -374,6 +375,7 @@ impl Gpu {
             pipelines: PipelineCache::default(),
             bytes_created: AtomicU64::new(0),
             submissions: SubmissionCounters::default(),
+            profile: std::sync::Mutex::new(None),
         }))
     }
 
@@ -465,6 +467,23 @@ impl Gpu {
     /// Submissions, dispatches and blocking waits so far (see [`SubmissionStats`]).
     pub fn submission_stats(&self) -> SubmissionStats {
         self.submissions.snapshot()
+    }
+
+    /// Start profiling: from now on every plan runs one dispatch per submission and waits for
+    /// each, timing it on the host, until [`Gpu::take_profile`]. The results are the same;
+    /// only slower (and counted as that many submissions and waits).
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// Stop profiling and return one [`KernelTime`] per dispatch run since
+    /// [`Gpu::start_profile`], in order (empty if profiling was not started).
+    pub fn take_profile(&self) -> Vec<KernelTime> {
+        self.profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
     }
 
     /// Start counting [`Gpu::submission_stats`] from zero.

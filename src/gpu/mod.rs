@@ -11,5 +11,5 @@ mod tensor;
 
 pub use context::{limit_needs, Gpu, GpuOptions, LimitNeed};
 pub use pipeline::KernelKey;
-pub use recorder::{Plan, Recorder, SubmissionStats};
+pub use recorder::{KernelTime, Plan, Recorder, SubmissionStats};
 pub use tensor::{DType, Tensor, WEIGHT_ROW_ALIGN};

@@ -226,6 +226,9 @@ impl Plan {
         extra: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> wgpu::SubmissionIndex {
         gpu.queue.write_buffer(&self.params, 0, &self.host);
+        if gpu.profile.lock().is_ok_and(|p| p.is_some()) {
+            return self.submit_profiled(gpu, extra);
+        }
         let mut encoder = gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -247,6 +250,52 @@ impl Plan {
         gpu.submit(self.ops.len(), [encoder.finish()])
     }
 
+    /// [`Plan::submit_with`] while [`Gpu::start_profile`] is on: each dispatch in its own
+    /// submission, waited for and timed.
+    fn submit_profiled(
+        &self,
+        gpu: &Gpu,
+        extra: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> wgpu::SubmissionIndex {
+        for op in &self.ops {
+            let mut encoder = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("profile"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(op.key.entry),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&op.pipeline);
+                pass.set_bind_group(0, &op.bind_group, &[]);
+                let [x, y, z] = op.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+            let start = std::time::Instant::now();
+            gpu.submit(1, [encoder.finish()]);
+            // A failed wait shows up in the caller's own wait after the plan.
+            let _ = gpu.wait();
+            let time = KernelTime {
+                shader: op.key.shader,
+                entry: op.key.entry,
+                workgroups: op.workgroups,
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            if let Ok(mut p) = gpu.profile.lock() {
+                p.get_or_insert_with(Vec::new).push(time);
+            }
+        }
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("plan"),
+            });
+        extra(&mut encoder);
+        gpu.submit(0, [encoder.finish()])
+    }
+
     /// Submit and wait for completion (the time this takes is the longest-submission figure
     /// of [`SubmissionStats`]).
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
@@ -256,6 +305,20 @@ impl Plan {
         gpu.submissions.count_run(start.elapsed());
         Ok(())
     }
+}
+
+/// One dispatch timed by [`Gpu::start_profile`]: from its submission until the device was
+/// idle again, on the host clock (so it includes one submission's overhead).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KernelTime {
+    /// Shader file stem under `shaders/`.
+    pub shader: &'static str,
+    /// Entry point.
+    pub entry: &'static str,
+    /// Workgroup counts of the dispatch.
+    pub workgroups: [u32; 3],
+    /// Seconds from submission to idle.
+    pub seconds: f64,
 }
 
 /// How much work went to the GPU: counted by [`Gpu`] for every submission and blocking wait

@@ -15,7 +15,7 @@ use serde::Serialize;
 use paligemma::generate::{
     GenerateOptions, Generation, ImageInput, Prompt, Request, SchedulerOptions, Timings,
 };
-use paligemma::gpu::{Gpu, KernelKey, Recorder, Tensor};
+use paligemma::gpu::{Gpu, KernelKey, KernelTime, Recorder, Tensor};
 use paligemma::model::{ModelBuilder, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
 use paligemma::processor::image::PixelValues;
 use paligemma::{Error, Result};
@@ -49,6 +49,8 @@ pub struct BenchOptions {
     pub batch_sizes: Vec<usize>,
     /// Image size of the synthetic model (224, 448 or 896).
     pub image_size: usize,
+    /// Time every kernel dispatch of one more request ([`ModelReport::profile`]).
+    pub profile: bool,
 }
 
 impl Default for BenchOptions {
@@ -66,6 +68,7 @@ impl Default for BenchOptions {
             formats: vec![WeightFormat::F16],
             batch_sizes: vec![1],
             image_size: 224,
+            profile: false,
         }
     }
 }
@@ -252,6 +255,49 @@ pub struct ModelReport {
     /// completion (one encoder or decoder layer of the vision tower or prefill, or one decode
     /// step).
     pub submissions: StepCounts,
+    /// With [`BenchOptions::profile`]: the dispatches of one batch of the largest batch size
+    /// timed one by one, summed by kernel and grid, longest total first.
+    pub profile: Vec<KernelRow>,
+    /// Requests in the profiled batch.
+    pub profile_batch: usize,
+}
+
+/// The dispatches of one kernel with one grid in a profiled request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelRow {
+    /// `shader::entry`.
+    pub kernel: String,
+    /// Workgroup counts.
+    pub workgroups: [u32; 3],
+    /// Dispatches.
+    pub calls: usize,
+    /// Seconds in all, each from submission to idle (one submission's overhead included).
+    pub seconds: f64,
+}
+
+/// Sum timed dispatches by kernel and grid, longest total first.
+fn kernel_rows(times: &[KernelTime]) -> Vec<KernelRow> {
+    let mut rows: Vec<KernelRow> = Vec::new();
+    for t in times {
+        let kernel = format!("{}::{}", t.shader, t.entry);
+        match rows
+            .iter_mut()
+            .find(|r| r.kernel == kernel && r.workgroups == t.workgroups)
+        {
+            Some(r) => {
+                r.calls += 1;
+                r.seconds += t.seconds;
+            }
+            None => rows.push(KernelRow {
+                kernel,
+                workgroups: t.workgroups,
+                calls: 1,
+                seconds: t.seconds,
+            }),
+        }
+    }
+    rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    rows
 }
 
 /// What one decode step sends to the GPU, and the longest single submission of a request.
@@ -477,6 +523,16 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Resul
     }
 
     let submissions = step_counts(gpu, &model, &pixels, &ids, opts.decode_steps)?;
+    let profile_batch = opts.batch_sizes.iter().copied().max().unwrap_or(1);
+    let profile = if opts.profile {
+        gpu.start_profile();
+        let run = generate(&model, &pixels, &ids, opts.decode_steps + 1, profile_batch);
+        let times = gpu.take_profile();
+        run?;
+        kernel_rows(&times)
+    } else {
+        Vec::new()
+    };
     let bpw = format.bytes_per_weight();
     let vision = vision_work(&config, bpw);
     let prefill = prefill_work(&config.text, ids.len(), bpw);
@@ -520,6 +576,8 @@ fn run_model(gpu: &Arc<Gpu>, opts: &BenchOptions, format: WeightFormat) -> Resul
         gpu_request_bytes,
         batches,
         submissions,
+        profile,
+        profile_batch,
     })
 }
 
@@ -661,6 +719,41 @@ pub fn run_probes(gpu: &Gpu) -> Result<Probes> {
     })
 }
 
+/// The profile of one model report: kernels by total time, with their share.
+fn profile_table(m: &ModelReport) -> String {
+    let total: f64 = m.profile.iter().map(|r| r.seconds).sum();
+    let calls: usize = m.profile.iter().map(|r| r.calls).sum();
+    let mut s = format!(
+        "profile of {} request(s) together ({} weights, {} decode steps): {calls} dispatches, \
+         {:.1} ms (each dispatch submitted and waited for alone)\n\
+         {:<28}{:>18}{:>7}{:>11}{:>10}{:>7}\n",
+        m.profile_batch,
+        m.weights,
+        m.decode_steps,
+        total * 1e3,
+        "kernel",
+        "workgroups",
+        "calls",
+        "total ms",
+        "mean ms",
+        "share"
+    );
+    for r in &m.profile {
+        let [x, y, z] = r.workgroups;
+        let _ = writeln!(
+            s,
+            "{:<28}{:>18}{:>7}{:>11.2}{:>10.3}{:>6.1}%",
+            r.kernel,
+            format!("{x}x{y}x{z}"),
+            r.calls,
+            r.seconds * 1e3,
+            r.seconds * 1e3 / r.calls as f64,
+            100.0 * r.seconds / total
+        );
+    }
+    s
+}
+
 fn pct(value: f64, of: Option<f64>) -> String {
     match of {
         Some(p) if p > 0.0 => format!("{:5.1}%", 100.0 * value / p),
@@ -778,6 +871,9 @@ impl BenchReport {
                 mib(m.gpu_request_bytes),
                 None,
             );
+        }
+        for m in self.models.iter().filter(|m| !m.profile.is_empty()) {
+            s.push_str(&profile_table(m));
         }
         if self.models.len() > 1 || self.models.iter().any(|m| m.batches.len() > 1) {
             s.push_str(&self.summary_table());

@@ -171,6 +171,10 @@ enum Command {
         /// Skip the model; run the device probes only.
         #[arg(long, conflicts_with = "no_probes")]
         probes_only: bool,
+        /// Time every kernel dispatch of one more batch (of the largest --batch size), one
+        /// submission each, and print the kernels by total time.
+        #[arg(long)]
+        profile: bool,
         /// Skip the device probes.
         #[arg(long)]
         no_probes: bool,
@@ -404,6 +408,7 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             probes_only,
             no_probes,
+            profile,
             json,
         } => {
             let options = bench::BenchOptions {
@@ -422,6 +427,7 @@ fn run(cli: Cli) -> Result<()> {
                     formats
                 },
                 batch_sizes: batch,
+                profile,
                 ..Default::default()
             };
             let gpu = open_gpu(cli.max_binding)?;
