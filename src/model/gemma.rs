@@ -21,7 +21,7 @@ use super::config::TextConfig;
 use super::weights::Checkpoint;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::ops::attention::{attention, AttnOpts};
-use crate::ops::elementwise::{add, copy_rows};
+use crate::ops::elementwise::{add_rows, copy_rows};
 use crate::ops::embed::embed;
 use crate::ops::linear::{linear, LinearOpts};
 use crate::ops::norm::{rms_norm, NormOpts};
@@ -234,6 +234,11 @@ impl DecoderLayer {
     /// new keys and values into each sequence's cache at its position, attention under the
     /// prefix-LM mask, the output projection and the residual add (Gemma 2 normalises the
     /// attention output first).
+    /// `from`: the first row whose output is needed (0, or the last prompt row in the final
+    /// layer of a one-sequence prefill, where only that row feeds the LM head): keys and
+    /// values are computed for every row, queries, attention and the output projection for
+    /// rows `from..` only.
+    #[allow(clippy::too_many_arguments)]
     fn record_attention(
         &self,
         rec: &mut Recorder,
@@ -242,19 +247,40 @@ impl DecoderLayer {
         l: usize,
         a: &Acts,
         spans: &[Span],
+        from: usize,
     ) -> Result<()> {
         let eps = cfg.rms_norm_eps;
-        let rows = spans.iter().map(|s| s.rows).sum();
+        let rows: usize = spans.iter().map(|s| s.rows).sum();
+        if from > 0 && (spans.len() != 1 || from >= rows) {
+            return Err(Error::kernel(
+                "decoder attention",
+                format!(
+                    "outputs from row {from} of {rows} rows in {} spans",
+                    spans.len()
+                ),
+            ));
+        }
         let plain = LinearOpts {
             rows: Some(rows),
+            ..Default::default()
+        };
+        let outputs = LinearOpts {
+            x_row: from,
+            out_row: from,
+            rows: Some(rows - from),
             ..Default::default()
         };
         let norm = NormOpts {
             rows: Some(rows),
             ..Default::default()
         };
+        let out_norm = NormOpts {
+            x_row: from,
+            out_row: from,
+            rows: Some(rows - from),
+        };
         rms_norm(rec, &a.x, self.norms.input(), &a.h, eps, norm)?;
-        linear(rec, &a.h, &self.q, None, &a.q, plain)?;
+        linear(rec, &a.h, &self.q, None, &a.q, outputs)?;
         match (&a.kv_new, spans) {
             (Some((k_new, v_new)), _) => {
                 linear(rec, &a.h, &self.k, None, k_new, plain)?;
@@ -286,9 +312,9 @@ impl DecoderLayer {
                 rec,
                 &a.q,
                 cfg.num_attention_heads,
-                s.row,
-                s.rows,
-                pos,
+                s.row + from,
+                s.rows - from,
+                pos + from,
                 &s.seq.rope,
             )?;
             rope(
@@ -301,9 +327,9 @@ impl DecoderLayer {
                 &s.seq.rope,
             )?;
             let opts = AttnOpts {
-                q_rows: s.rows,
-                q_row0: s.row,
-                q_pos0: pos,
+                q_rows: s.rows - from,
+                q_row0: s.row + from,
+                q_pos0: pos + from,
                 kv_len: pos + s.rows,
                 prefix_len: s.seq.prefix_len,
                 ..attn
@@ -312,14 +338,14 @@ impl DecoderLayer {
         }
         match (&self.norms, &a.branch) {
             (LayerNorms::Gemma2 { post_attn, .. }, Some(branch)) => {
-                linear(rec, &a.attn, &self.o, None, branch, plain)?;
-                rms_norm(rec, branch, post_attn, &a.h, eps, norm)?;
-                add(rec, &a.x, &a.h)
+                linear(rec, &a.attn, &self.o, None, branch, outputs)?;
+                rms_norm(rec, branch, post_attn, &a.h, eps, out_norm)?;
+                add_rows(rec, &a.x, &a.h, from, rows - from)
             }
             _ => {
                 let residual = LinearOpts {
                     combine: Combine::Add,
-                    ..plain
+                    ..outputs
                 };
                 linear(rec, &a.attn, &self.o, None, &a.x, residual)
             }
@@ -328,18 +354,19 @@ impl DecoderLayer {
 
     /// `x += MLP(norm(x))` on rows `0..rows` of `a`, in blocks of at most `a.mlp_rows` rows
     /// (Gemma 2 normalises the MLP output before the residual add).
-    fn record_mlp(&self, rec: &mut Recorder, eps: f32, a: &Acts, rows: usize) -> Result<()> {
+    fn record_mlp(&self, rec: &mut Recorder, eps: f32, a: &Acts, rows: Range<usize>) -> Result<()> {
         let norm = NormOpts {
-            rows: Some(rows),
-            ..Default::default()
+            x_row: rows.start,
+            out_row: rows.start,
+            rows: Some(rows.len()),
         };
         rms_norm(rec, &a.x, self.norms.pre_mlp(), &a.h, eps, norm)?;
         let (mlp_out, mlp_combine) = match &a.branch {
             Some(branch) => (branch, Combine::Store),
             None => (&a.x, Combine::Add),
         };
-        for r0 in (0..rows).step_by(a.mlp_rows) {
-            let n = a.mlp_rows.min(rows - r0);
+        for r0 in rows.clone().step_by(a.mlp_rows) {
+            let n = a.mlp_rows.min(rows.end - r0);
             let block = |act, combine, x_row, out_row| LinearOpts {
                 act,
                 combine,
@@ -356,7 +383,7 @@ impl DecoderLayer {
         }
         if let (LayerNorms::Gemma2 { post_mlp, .. }, Some(branch)) = (&self.norms, &a.branch) {
             rms_norm(rec, branch, post_mlp, &a.h, eps, norm)?;
-            add(rec, &a.x, &a.h)?;
+            add_rows(rec, &a.x, &a.h, rows.start, rows.len())?;
         }
         Ok(())
     }
@@ -547,7 +574,7 @@ impl Gemma {
             row: 0,
             rows: a.rows,
         }];
-        self.record_layers(rec, a, &span, p.next_layer..end)?;
+        self.record_layers(rec, a, &span, p.next_layer..end, true)?;
         p.next_layer = end;
         if end == self.layers.len() {
             self.record_head(rec, a, a.rows - 1, 1)?;
@@ -595,7 +622,7 @@ impl Gemma {
             .enumerate()
             .map(|(row, seq)| Span { seq, row, rows: 1 })
             .collect();
-        self.record_layers(rec, a, &spans, 0..self.layers.len())?;
+        self.record_layers(rec, a, &spans, 0..self.layers.len(), false)?;
         self.record_head(rec, a, 0, n)?;
         for seq in seqs.iter_mut() {
             seq.len += 1;
@@ -604,18 +631,28 @@ impl Gemma {
     }
 
     /// Record `layers` of the decoder on the rows of `spans` (rows `0..` of `a`, in order).
+    /// With `last_row_only`, the final layer computes its output for the last row only (a
+    /// prefill, whose other rows' last-layer outputs nothing reads; their keys and values
+    /// are still computed).
     fn record_layers(
         &self,
         rec: &mut Recorder,
         a: &Acts,
         spans: &[Span],
         layers: Range<usize>,
+        last_row_only: bool,
     ) -> Result<()> {
         let rows: usize = spans.iter().map(|s| s.rows).sum();
+        let last = self.layers.len() - 1;
         for l in layers {
             let layer = &self.layers[l];
-            layer.record_attention(rec, &self.cfg, self.attn_opts(l), l, a, spans)?;
-            layer.record_mlp(rec, self.cfg.rms_norm_eps, a, rows)?;
+            let from = if last_row_only && l == last {
+                rows - 1
+            } else {
+                0
+            };
+            layer.record_attention(rec, &self.cfg, self.attn_opts(l), l, a, spans, from)?;
+            layer.record_mlp(rec, self.cfg.rms_norm_eps, a, from..rows)?;
         }
         Ok(())
     }

@@ -50,6 +50,43 @@ fn launch(
     Ok(())
 }
 
+/// Record `acc[r] += x[r]` for rows `row..row + rows` of two f32 tensors of the same shape
+/// (a residual connection on part of a batch), in different buffers.
+pub fn add_rows(
+    rec: &mut Recorder,
+    acc: &Tensor,
+    x: &Tensor,
+    row: usize,
+    rows: usize,
+) -> Result<()> {
+    const K: &str = "add_rows";
+    check(
+        acc.shape() == x.shape() && row + rows <= acc.rows() && rows > 0,
+        K,
+        || {
+            format!(
+                "rows {row}..{} of {} {:?} and {} {:?}",
+                row + rows,
+                acc.name(),
+                acc.shape(),
+                x.name(),
+                x.shape()
+            )
+        },
+    )?;
+    let cols = acc.cols();
+    launch(
+        rec,
+        K,
+        x,
+        row * cols,
+        acc,
+        row * cols,
+        rows * cols,
+        Combine::Add,
+    )
+}
+
 /// Record `acc += x` element-wise (a residual connection). Both are f32 tensors with the same
 /// number of elements, in different buffers.
 pub fn add(rec: &mut Recorder, acc: &Tensor, x: &Tensor) -> Result<()> {
@@ -152,6 +189,25 @@ mod tests {
                 &format!("add {shape:?}"),
             );
         }
+    }
+
+    #[test]
+    fn add_rows_touches_only_its_rows() {
+        let gpu = gpu_with_limit(None);
+        let (rows, cols, row, n) = (9, 37, 8, 1);
+        let a = rand_vec(rows * cols, 1.0, 43);
+        let x = rand_vec(rows * cols, 1.0, 44);
+        let at = Tensor::from_f32(&gpu, "acc", &[rows, cols], &a).unwrap();
+        let xt = Tensor::from_f32(&gpu, "x", &[rows, cols], &x).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        add_rows(&mut rec, &at, &xt, row, n).unwrap();
+        rec.run().unwrap();
+        let mut want = a.clone();
+        add_ref(&mut want[row * cols..], &x[row * cols..]);
+        assert_close(&at.read(&gpu).unwrap(), &want, 0.0, "add_rows");
+        let mut rec = Recorder::new(&gpu);
+        let err = add_rows(&mut rec, &at, &xt, 8, 2).unwrap_err().to_string();
+        assert!(err.contains("rows 8..10"), "{err}");
     }
 
     #[test]

@@ -123,9 +123,11 @@ fn prepare(
         pad: [0; 3],
     };
     let family = family.unwrap_or_else(|| Family::choose(rec, cols));
-    check(family == Family::Rows || cols.is_multiple_of(4), kernel, || {
-        format!("the lane kernels need cols % 4 == 0, got {cols}")
-    })?;
+    check(
+        family == Family::Rows || cols.is_multiple_of(4),
+        kernel,
+        || format!("the lane kernels need cols % 4 == 0, got {cols}"),
+    )?;
     let (entry, workgroups) = family.entry(rec, kernel, params.rows);
     Ok((params, KernelKey::new("norm", entry), workgroups))
 }

@@ -119,16 +119,21 @@ pub fn vision_work(c: &PaliGemmaConfig, bytes_per_weight: f64) -> Work {
 }
 
 /// Work of the prefill of `tokens` prompt positions (all in the bidirectional prefix), with
-/// the LM head for the last position.
+/// the LM head for the last position. The last layer computes keys and values for every
+/// position but queries, attention, output projection and MLP for the last one only.
 pub fn prefill_work(c: &TextConfig, tokens: usize, bytes_per_weight: f64) -> Work {
     let t = tokens as f64;
     let layers = c.num_hidden_layers as f64;
     let layer = decoder_layer_params(c);
-    let attn = 4.0 * t * t * (c.num_attention_heads * c.head_dim) as f64;
+    let h = c.hidden_size as f64;
+    let kv = 2.0 * h * (c.num_key_value_heads * c.head_dim) as f64;
+    let qd = (c.num_attention_heads * c.head_dim) as f64;
+    let attn = 4.0 * t * t * qd;
+    let last = 2.0 * t * kv + 2.0 * (layer - kv) + 4.0 * t * qd;
     let head = (c.vocab_size * c.hidden_size) as f64;
     Work {
-        flop: layers * (2.0 * t * layer + attn) + 2.0 * head,
-        bytes: bytes_per_weight * (layers * layer + head) + 2.0 * t * c.hidden_size as f64,
+        flop: (layers - 1.0) * (2.0 * t * layer + attn) + last + 2.0 * head,
+        bytes: bytes_per_weight * (layers * layer + head) + 2.0 * t * h,
     }
 }
 
@@ -975,10 +980,12 @@ mod tests {
         // int8: one byte a weight; activations and KV cache as before.
         let d8 = decode_work(&c.text, 10, 1.0);
         assert_eq!(d8.bytes, d.bytes - (layer + head));
+        // One layer, the last: keys and values of all 266 positions, the rest for one.
+        let kv = 2.0 * 256.0 * 2048.0;
         let p = prefill_work(&c.text, 266, 2.0);
         assert_eq!(
             p.flop,
-            2.0 * 266.0 * layer + 4.0 * 266.0 * 266.0 * 2048.0 + 2.0 * head
+            2.0 * 266.0 * kv + 2.0 * (layer - kv) + 4.0 * 266.0 * 2048.0 + 2.0 * head
         );
         let v = vision_work(&c, 2.0);
         let vl = 4.0 * 1152.0 * 1152.0 + 2.0 * 1152.0 * 4304.0;
