@@ -234,6 +234,7 @@ impl DecoderLayer {
     /// new keys and values into each sequence's cache at its position, attention under the
     /// prefix-LM mask, the output projection and the residual add (Gemma 2 normalises the
     /// attention output first).
+    ///
     /// `from`: the first row whose output is needed (0, or the last prompt row in the final
     /// layer of a one-sequence prefill, where only that row feeds the LM head): keys and
     /// values are computed for every row, queries, attention and the output projection for
@@ -352,7 +353,7 @@ impl DecoderLayer {
         }
     }
 
-    /// `x += MLP(norm(x))` on rows `0..rows` of `a`, in blocks of at most `a.mlp_rows` rows
+    /// `x += MLP(norm(x))` on the rows `rows` of `a`, in blocks of at most `a.mlp_rows` rows
     /// (Gemma 2 normalises the MLP output before the residual add).
     fn record_mlp(&self, rec: &mut Recorder, eps: f32, a: &Acts, rows: Range<usize>) -> Result<()> {
         let norm = NormOpts {
