@@ -308,6 +308,12 @@ impl ImageProcessor {
         Ok(self.preprocess(&decode_image(path)?))
     }
 
+    /// [`load`](Self::load) for an image file's bytes in memory ([`decode_image_bytes`]);
+    /// `name` stands for the image in error messages.
+    pub fn load_bytes(&self, data: &[u8], name: &Path) -> Result<PixelValues> {
+        Ok(self.preprocess(&decode_image_bytes(data, name)?))
+    }
+
     /// Preprocess a decoded image: convert to 8-bit RGB, resize (Pillow-exact bicubic), rescale,
     /// normalise, and lay out channel-first.
     ///
@@ -392,6 +398,38 @@ impl ImageProcessor {
 /// files are converted to RGB as Pillow converts them. A truncated JPEG is an error, as in
 /// Pillow. Other formats go through the `image` crate.
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
+    decode_from(
+        path,
+        |limits| open_reader(path, limits),
+        || decode_jpeg_file(path),
+    )
+}
+
+/// [`decode_image`] for an image file's bytes already in memory (an upload, a clipboard, a
+/// `data:` URL), with the same decoders and checks. `name` stands for the image in error
+/// messages; the format is recognised from the contents only.
+pub fn decode_image_bytes(data: &[u8], name: &Path) -> Result<DynamicImage> {
+    let open = |limits: Limits| {
+        let mut reader = ImageReader::new(std::io::Cursor::new(data))
+            .with_guessed_format()
+            .map_err(|e| Error::io(name, e))?;
+        if reader.format().is_none() {
+            return Err(not_an_image(name));
+        }
+        reader.limits(limits);
+        Ok(reader)
+    };
+    decode_from(name, open, || decode_jpeg_data(data, name))
+}
+
+/// The shared body of [`decode_image`] and [`decode_image_bytes`]: `open` gives a reader with
+/// the given limits (called again, with relaxed ones, to describe a refused header), `jpeg`
+/// decodes the source when it is a JPEG.
+fn decode_from<R: std::io::BufRead + std::io::Seek>(
+    path: &Path,
+    open: impl Fn(Limits) -> Result<ImageReader<R>>,
+    jpeg: impl FnOnce() -> Result<DynamicImage>,
+) -> Result<DynamicImage> {
     let image_err = |msg: String| Error::Image {
         path: path.to_path_buf(),
         msg,
@@ -400,9 +438,9 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
-    let reader = open_reader(path, limits)?;
+    let reader = open(limits)?;
     if reader.format() == Some(image::ImageFormat::Jpeg) {
-        return decode_jpeg_file(path);
+        return jpeg();
     }
     let what = reader
         .format()
@@ -415,10 +453,7 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
                 // caps but with a small allocation budget, to say what it declared.
                 let mut relaxed = Limits::default();
                 relaxed.max_alloc = Some(64 << 20);
-                match open_reader(path, relaxed)
-                    .ok()
-                    .and_then(|r| r.into_dimensions().ok())
-                {
+                match open(relaxed).ok().and_then(|r| r.into_dimensions().ok()) {
                     Some((w, h)) => too_large(w, h),
                     None => image_err(format!(
                         "too large: the {what} exceeds the decoding limits ({MAX_IMAGE_SIDE} px \
@@ -474,6 +509,21 @@ fn decode_jpeg_file(path: &Path) -> Result<DynamicImage> {
         )));
     }
     let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_jpeg_data(&data, path)
+}
+
+/// Decode the bytes of a JPEG file (`path` names it in errors) as [`decode_jpeg_file`] does.
+fn decode_jpeg_data(data: &[u8], path: &Path) -> Result<DynamicImage> {
+    let image_err = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let len = data.len() as u64;
+    if len > MAX_DECODE_BYTES {
+        return Err(image_err(format!(
+            "too large: a {len}-byte JPEG file, more than {MAX_DECODE_BYTES} bytes"
+        )));
+    }
     let check = |w: u32, h: u32| {
         if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || w as u64 * h as u64 > MAX_IMAGE_PIXELS {
             Err(too_large_error(path, w, h))
@@ -481,7 +531,7 @@ fn decode_jpeg_file(path: &Path) -> Result<DynamicImage> {
             Ok(())
         }
     };
-    super::jpeg::decode(&data, MAX_DECODE_BYTES, check).map_err(|e| match e {
+    super::jpeg::decode(data, MAX_DECODE_BYTES, check).map_err(|e| match e {
         JpegError::ZeroSized(w, h) => image_err(format!("zero-sized image ({w}x{h})")),
         JpegError::Refused(e) => e,
         JpegError::TooManyBytes(w, h, bytes) => image_err(format!(
@@ -489,6 +539,13 @@ fn decode_jpeg_file(path: &Path) -> Result<DynamicImage> {
         )),
         JpegError::Decode(msg) => image_err(format!("cannot decode as Jpeg: {msg}")),
     })
+}
+
+fn not_an_image(path: &Path) -> Error {
+    Error::Image {
+        path: path.to_path_buf(),
+        msg: "not a recognised image format (PNG, JPEG, GIF, BMP, WebP or TIFF)".into(),
+    }
 }
 
 /// Open `path` for decoding with `limits`, the format recognised from the contents or else the
@@ -501,12 +558,7 @@ fn open_reader(path: &Path, limits: Limits) -> Result<ImageReader<BufReader<File
     if reader.format().is_none() {
         match image::ImageFormat::from_path(path) {
             Ok(format) => reader.set_format(format),
-            Err(_) => {
-                return Err(Error::Image {
-                    path: path.to_path_buf(),
-                    msg: "not a recognised image format (PNG, JPEG, GIF, BMP, WebP or TIFF)".into(),
-                })
-            }
+            Err(_) => return Err(not_an_image(path)),
         }
     }
     reader.limits(limits);
@@ -960,4 +1012,32 @@ mod tests {
         217, 116, 86, 255, 222, 61, 40, 183, 200, 77, 192, 175, 114, 219, 150, 151, 109, 125, 188, 58, 100, 225, 152, 75,
         107, 96, 50, 45, 204, 194, 82, 213, 169, 119, 240, 144, 156, 10, 119, 193, 92, 94, 230, 173, 69, 0, 0, 44,
     ];
+
+    #[test]
+    fn bytes_decode_as_the_file_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let Ok(from_file) = decode_image(&path) else {
+                continue;
+            };
+            let data = std::fs::read(&path).unwrap();
+            let from_bytes = decode_image_bytes(&data, &path).unwrap();
+            assert_eq!(
+                from_bytes.as_bytes(),
+                from_file.as_bytes(),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 2, "only {seen} fixture images decoded");
+        let err = decode_image_bytes(b"not an image", Path::new("upload")).unwrap_err();
+        assert!(err.to_string().contains("upload"), "{err}");
+        assert!(
+            err.to_string().contains("not a recognised image format"),
+            "{err}"
+        );
+    }
 }
