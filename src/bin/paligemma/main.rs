@@ -2,6 +2,8 @@
 
 mod bench;
 mod generate;
+#[cfg(feature = "serve")]
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -132,6 +134,37 @@ enum Command {
         json: bool,
         #[command(flatten)]
         tasks: TaskArgs,
+    },
+    /// Serve the model over HTTP: OpenAI `POST /v1/chat/completions`, ollama
+    /// `POST /api/generate`, `GET /v1/models`, `/api/tags`, `/health` and `/metrics`; all
+    /// requests decode together through one continuous-batching scheduler.
+    #[cfg(feature = "serve")]
+    Serve {
+        /// Checkpoint directory, or org/name in the local Hugging Face cache.
+        #[arg(long)]
+        model: String,
+        /// Address to listen on (127.0.0.1: this machine only).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (0: any free port; the chosen one is printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Requests that may wait for a slot beyond --max-batch; more get 503.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// Require `Authorization: Bearer KEY` on every endpoint but /health (default: the
+        /// PALIGEMMA_API_KEY environment variable, if set).
+        #[arg(long, env = "PALIGEMMA_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Largest request body accepted, in bytes (larger: 413).
+        #[arg(long, default_value_t = 32 << 20, value_name = "BYTES")]
+        max_body: usize,
+        /// Seconds a non-streamed request may take before it is cancelled (504).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
     /// Measure cold start, time to first token, prefill and decode throughput against device
     /// probes, on a checkpoint or a synthetic model of PaliGemma-3B-224 shapes.
@@ -395,6 +428,34 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", report.summary());
             }
+        }
+        #[cfg(feature = "serve")]
+        Command::Serve {
+            model,
+            host,
+            port,
+            max_batch,
+            max_queue,
+            api_key,
+            max_body,
+            timeout,
+        } => {
+            if max_batch == 0 {
+                anyhow::bail!("--max-batch must be at least 1");
+            }
+            serve::serve(serve::ServeOptions {
+                model: resolve_model_dir(&model)?,
+                host,
+                port,
+                weights: cli.weights,
+                adapter: cli.adapter.clone(),
+                max_binding: cli.max_binding,
+                max_batch,
+                max_queue,
+                api_key: api_key.filter(|k| !k.is_empty()),
+                max_body_bytes: max_body,
+                timeout: std::time::Duration::from_secs(timeout),
+            })?;
         }
         Command::Bench {
             model,
