@@ -185,6 +185,8 @@ fn openai_and_ollama_answer_as_the_cli() {
     assert_eq!(lp[0]["token"], "<loc0238>");
     assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
     assert_eq!(lp[0]["top_logprobs"][0]["id"], 1262);
+    assert_eq!(lp[0]["top_logprobs"][0]["token"], "<loc0238>");
+    assert_eq!(lp[0]["top_logprobs"][0]["logprob"], lp[0]["logprob"]);
 
     let (status, head, body) = post(
         port,
@@ -481,4 +483,62 @@ fn a_full_server_answers_503_with_retry_after() {
         results.iter().all(|r| r.0 == 200 || r.0 == 503),
         "{results:?}"
     );
+}
+
+#[test]
+fn a_client_that_leaves_cancels_its_request() {
+    let server = start(&["--max-batch", "1"]);
+    let port = server.port;
+    let metric = |name: &str| -> u64 {
+        let (_, _, body) = http(port, "GET", "/metrics", &[], b"");
+        let text = String::from_utf8(body).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap()
+            .to_string();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // While one request holds the only slot, a second one is queued and its client leaves
+    // as soon as the response head arrives.
+    let body = chat(&scene_b64(2), "caption en", json!({"stream": true})).to_string();
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            post(
+                port,
+                "/v1/chat/completions",
+                &chat(&scene_b64(1), "caption en", json!({})),
+                &[],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        c.write_all(req.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        assert_eq!(&head[9..12], b"200");
+        drop(c);
+        assert_eq!(first.join().unwrap().0, 200);
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric("paligemma_requests_cancelled_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request that lost its client was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric("paligemma_live_sequences"), 0);
+    let (s, _, b) = post(
+        port,
+        "/v1/chat/completions",
+        &chat(&scene_b64(0), "detect square", json!({})),
+        &[],
+    );
+    assert_eq!(s, 200);
+    assert_eq!(json_of(&b)["choices"][0]["message"]["content"], SQUARE);
 }

@@ -165,6 +165,10 @@ enum Command {
         /// Seconds a non-streamed request may take before it is cancelled (504).
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// big_vision's mask decoder weights (vae-oid.npz, from the big_vision PaliGemma
+        /// assets): segment answers then carry their masks as PNGs.
+        #[arg(long, value_name = "FILE")]
+        vae: Option<PathBuf>,
     },
     /// Measure cold start, time to first token, prefill and decode throughput against device
     /// probes, on a checkpoint or a synthetic model of PaliGemma-3B-224 shapes.
@@ -439,6 +443,7 @@ fn run(cli: Cli) -> Result<()> {
             api_key,
             max_body,
             timeout,
+            vae,
         } => {
             if max_batch == 0 {
                 anyhow::bail!("--max-batch must be at least 1");
@@ -455,6 +460,7 @@ fn run(cli: Cli) -> Result<()> {
                 api_key: api_key.filter(|k| !k.is_empty()),
                 max_body_bytes: max_body,
                 timeout: std::time::Duration::from_secs(timeout),
+                vae,
             })?;
         }
         Command::Bench {

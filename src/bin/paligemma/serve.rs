@@ -28,7 +28,7 @@ use paligemma::generate::{
 };
 use paligemma::model::{ModelBuilder, PaliGemma, WeightFormat};
 use paligemma::processor::image::decode_image_bytes;
-use paligemma::tasks::parse_answer;
+use paligemma::tasks::{parse_answer, paste_mask, MaskDecoder};
 use paligemma::Error;
 
 /// How the server is set up.
@@ -44,6 +44,7 @@ pub(crate) struct ServeOptions {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub timeout: Duration,
+    pub vae: Option<PathBuf>,
 }
 
 /// A request as the worker sees it.
@@ -61,7 +62,15 @@ enum JobEvent {
     /// A piece of the answer.
     Text(String),
     /// The end: the whole result, or why there is none.
-    Done(Result<Generation, ApiError>),
+    Done(Result<Answer, ApiError>),
+}
+
+/// A finished request: the generation and the objects parsed from it.
+struct Answer {
+    generation: Generation,
+    /// `[{"label", "box": [x_min, y_min, x_max, y_max], "mask"?}]` in pixels of the image;
+    /// `mask` (a PNG, base64) only with the mask decoder.
+    objects: Value,
 }
 
 /// An error answer: status and message, sent as `{"error": {"message", "type"}}`.
@@ -157,12 +166,15 @@ struct Shared {
     requests: AtomicU64,
     failures: AtomicU64,
     rejected: AtomicU64,
+    cancelled: AtomicU64,
     tokens: AtomicU64,
     ttft: Histogram,
     per_token: Histogram,
     api_key: Option<String>,
     timeout: Duration,
     jobs: Mutex<std_mpsc::Sender<Job>>,
+    /// Token strings by id (`▁` shown as a space, as in `Step::text`), for `top_logprobs`.
+    vocab: std::sync::OnceLock<Vec<String>>,
 }
 
 /// Counts a request in flight until dropped.
@@ -227,6 +239,7 @@ struct LiveJob {
     events: mpsc::UnboundedSender<JobEvent>,
     start: Instant,
     first_token: Option<Instant>,
+    size: (u32, u32),
 }
 
 /// The worker thread: load the model, then feed jobs to the scheduler until the channel
@@ -244,6 +257,16 @@ fn worker(
             return;
         }
     };
+    let vae = match &opts.vae {
+        Some(path) => match MaskDecoder::load(model.gpu().clone(), path) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let _ = loaded.send(Err(e.into()));
+                return;
+            }
+        },
+        None => None,
+    };
     let sched_opts = SchedulerOptions {
         max_sequences: opts.max_batch,
         ..Default::default()
@@ -255,6 +278,17 @@ fn worker(
             return;
         }
     };
+    if let Ok(prompts) = model.prompts() {
+        let vocab = (0..model.config.text.vocab_size as u32)
+            .map(|id| {
+                prompts
+                    .id_to_token(id)
+                    .unwrap_or_default()
+                    .replace('▁', " ")
+            })
+            .collect();
+        let _ = shared.vocab.set(vocab);
+    }
     shared.ready.store(true, Ordering::SeqCst);
     let _ = loaded.send(Ok(()));
     let mut live: HashMap<RequestId, LiveJob> = HashMap::new();
@@ -313,6 +347,9 @@ fn worker(
                 SchedulerEvent::Finished { id, result } => {
                     let Some(j) = live.remove(&id) else { continue };
                     match &result {
+                        Ok(g) if g.finish_reason == FinishReason::Cancelled => {
+                            shared.cancelled.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(g) => {
                             shared
                                 .tokens
@@ -327,7 +364,16 @@ fn worker(
                             shared.failures.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    let result = result.map_err(|e| ApiError::from_engine(&e));
+                    let (w, h) = j.size;
+                    let result = result
+                        .and_then(|g| {
+                            let objects = objects(&g.text, w, h, vae.as_ref())?;
+                            Ok(Answer {
+                                generation: g,
+                                objects,
+                            })
+                        })
+                        .map_err(|e| ApiError::from_engine(&e));
                     let _ = j.events.send(JobEvent::Done(result));
                 }
             }
@@ -365,6 +411,7 @@ fn admit(model: &PaliGemma, scheduler: &mut Scheduler, job: Job) -> Option<(Requ
                 events: job.events,
                 start: Instant::now(),
                 first_token: None,
+                size: (width, height),
             },
         )),
         Err(e) => {
@@ -416,12 +463,14 @@ async fn serve_async(opts: ServeOptions) -> anyhow::Result<()> {
         requests: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
+        cancelled: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
         ttft: Histogram::new(&[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]),
         per_token: Histogram::new(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
         api_key: opts.api_key.clone(),
         timeout: opts.timeout,
         jobs: Mutex::new(jobs_tx),
+        vocab: std::sync::OnceLock::new(),
     });
     let addr: SocketAddr = format!("{}:{}", opts.host, opts.port)
         .parse()
@@ -538,6 +587,11 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             "paligemma_requests_rejected_total",
             "Requests refused because the server was full.",
             &s.rejected,
+        ),
+        (
+            "paligemma_requests_cancelled_total",
+            "Requests cancelled because their client left.",
+            &s.cancelled,
         ),
         (
             "paligemma_tokens_generated_total",
@@ -715,17 +769,65 @@ fn finish_reason(g: &Generation) -> &'static str {
     }
 }
 
-/// Parsed boxes of a detection / segmentation answer, in pixels of the original image.
-fn objects(g: &Generation, width: u32, height: u32) -> Value {
-    let objs: Vec<Value> = parse_answer(&g.text, width, height)
-        .iter()
+/// The valid objects of a detection / segmentation answer, boxes in pixels of the original
+/// `width × height` image; with the mask decoder, the masks of those with `<seg>` tokens as
+/// 8-bit PNGs of the whole image (255 = object), base64.
+fn objects(
+    text: &str,
+    width: u32,
+    height: u32,
+    vae: Option<&MaskDecoder>,
+) -> paligemma::Result<Value> {
+    let objs: Vec<_> = parse_answer(text, width, height)
+        .into_iter()
         .filter(|o| o.valid)
-        .map(|o| {
-            let b = o.bbox;
-            json!({"label": o.label, "box": [b.x_min, b.y_min, b.x_max, b.y_max]})
+        .collect();
+    let codes: Vec<_> = objs.iter().filter_map(|o| o.seg_codes).collect();
+    let mut masks = match (vae, codes.is_empty()) {
+        (Some(vae), false) => vae.decode(&codes)?.into_iter(),
+        _ => Vec::new().into_iter(),
+    };
+    let mut out = Vec::new();
+    for o in &objs {
+        let b = o.bbox;
+        let mut v = json!({"label": o.label, "box": [b.x_min, b.y_min, b.x_max, b.y_max]});
+        if o.seg_codes.is_some() {
+            if let Some(mask) = masks.next() {
+                let gray = paste_mask(&mask, &b, width, height);
+                let mut png = std::io::Cursor::new(Vec::new());
+                image::DynamicImage::ImageLuma8(gray)
+                    .write_to(&mut png, image::ImageFormat::Png)
+                    .map_err(|e| Error::Request(format!("encoding a mask PNG: {e}")))?;
+                v["mask"] = json!(base64::engine::general_purpose::STANDARD.encode(png.get_ref()));
+            }
+        }
+        out.push(v);
+    }
+    Ok(Value::Array(out))
+}
+
+/// OpenAI's `logprobs` object: each generated token with its log-probability and the best
+/// alternatives (`token` from `vocab` when the model has a tokenizer, and its `id`).
+fn logprobs(g: &Generation, vocab: Option<&Vec<String>>) -> Value {
+    let token = |id: u32| {
+        vocab
+            .and_then(|v| v.get(id as usize))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let content: Vec<Value> = g
+        .steps
+        .iter()
+        .map(|st| {
+            let top: Vec<Value> = st
+                .top
+                .iter()
+                .map(|&(id, lp)| json!({"token": token(id), "id": id, "logprob": lp}))
+                .collect();
+            json!({"token": st.text, "id": st.id, "logprob": st.logprob, "top_logprobs": top})
         })
         .collect();
-    Value::Array(objs)
+    json!({ "content": content })
 }
 
 /// OpenAI's `usage` object.
@@ -749,7 +851,7 @@ static COMPLETION_ID: AtomicU64 = AtomicU64::new(1);
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<JobEvent>,
     timeout: Duration,
-) -> Result<(Generation, u32, u32), ApiError> {
+) -> Result<(Answer, u32, u32), ApiError> {
     let wait = async {
         let (mut w, mut h) = (0, 0);
         while let Some(event) = rx.recv().await {
@@ -841,19 +943,16 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let created = now_secs();
     let model = s.name.clone();
     if !stream {
-        let (g, w, h) = collect(rx, s.timeout).await?;
+        let (answer, w, h) = collect(rx, s.timeout).await?;
         drop(guard);
+        let g = &answer.generation;
         let mut choice = json!({
             "index": 0,
             "message": {"role": "assistant", "content": g.text},
             "finish_reason": finish_reason(&g),
         });
         if want_logprobs {
-            choice["logprobs"] = json!({"content": g.steps.iter().map(|st| json!({
-                "token": st.text,
-                "logprob": st.logprob,
-                "top_logprobs": st.top.iter().map(|(id, lp)| json!({"id": id, "logprob": lp})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>()});
+            choice["logprobs"] = logprobs(&g, s.vocab.get());
         }
         let body = json!({
             "id": id,
@@ -862,7 +961,7 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
             "model": model,
             "choices": [choice],
             "usage": usage(&g),
-            "paligemma": {"objects": objects(&g, w, h), "image_size": [w, h]},
+            "paligemma": {"objects": answer.objects, "image_size": [w, h]},
         });
         return Ok(axum::Json(body).into_response());
     }
@@ -894,9 +993,10 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
             };
             (Some(chunk(delta, Value::Null, None)), false)
         }
-        JobEvent::Done(Ok(g)) => {
-            let usage = usage(&g);
-            let objects = objects(&g, w, h);
+        JobEvent::Done(Ok(answer)) => {
+            let g = &answer.generation;
+            let usage = usage(g);
+            let objects = answer.objects;
             let last = chunk(
                 json!({}),
                 json!(finish_reason(&g)),
@@ -1013,9 +1113,10 @@ async fn ollama(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
         })
     };
     if !stream {
-        let (g, _, _) = collect(rx, s.timeout).await?;
+        let (answer, _, _) = collect(rx, s.timeout).await?;
         drop(guard);
-        return Ok(axum::Json(fin(&g, &model, &g.text)).into_response());
+        let g = &answer.generation;
+        return Ok(axum::Json(fin(g, &model, &g.text)).into_response());
     }
     let body = stream_body(rx, guard, move |event| match event {
         JobEvent::Image { .. } => (None, false),
@@ -1024,7 +1125,7 @@ async fn ollama(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
                 "response": t, "done": false});
             (Some(format!("{line}\n")), false)
         }
-        JobEvent::Done(Ok(g)) => (Some(format!("{}\n", fin(&g, &model, ""))), true),
+        JobEvent::Done(Ok(a)) => (Some(format!("{}\n", fin(&a.generation, &model, ""))), true),
         JobEvent::Done(Err(e)) => (Some(format!("{}\n", json!({"error": e.message}))), true),
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
@@ -1072,5 +1173,45 @@ mod tests {
             .unwrap_err()
             .message
             .contains("image_url"));
+    }
+
+    #[test]
+    fn segment_answers_carry_their_masks_with_the_decoder() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae");
+        let answer = std::fs::read_to_string(dir.join("ref_answer.txt")).unwrap();
+        let (w, h) = (300, 200);
+        let plain = objects(&answer, w, h, None).unwrap();
+        let gpu = paligemma::gpu::Gpu::new(Default::default()).unwrap();
+        let vae = MaskDecoder::load(gpu, &dir.join("vae-random.npz")).unwrap();
+        let with = objects(&answer, w, h, Some(&vae)).unwrap();
+        let (plain, with) = (plain.as_array().unwrap(), with.as_array().unwrap());
+        assert_eq!(plain.len(), with.len());
+        assert!(plain.iter().all(|o| o.get("mask").is_none()));
+        let parsed: Vec<_> = parse_answer(&answer, w, h)
+            .into_iter()
+            .filter(|o| o.valid)
+            .collect();
+        let mut masks = 0;
+        for (o, p) in with.iter().zip(&parsed) {
+            assert_eq!(o["label"], p.label.as_str());
+            match (o.get("mask"), p.seg_codes) {
+                (Some(m), Some(_)) => {
+                    let png = base64::engine::general_purpose::STANDARD
+                        .decode(m.as_str().unwrap())
+                        .unwrap();
+                    let img = image::load_from_memory(&png).unwrap().to_luma8();
+                    assert_eq!(img.dimensions(), (w, h));
+                    // Nothing outside the box.
+                    let [x0, y0, x1, y1] = p.bbox.pixel_rect(w, h);
+                    assert!(img.enumerate_pixels().all(
+                        |(x, y, v)| v[0] == 0 || (x0..x1).contains(&x) && (y0..y1).contains(&y)
+                    ));
+                    masks += 1;
+                }
+                (None, None) => {}
+                other => panic!("mask and <seg> tokens disagree: {other:?}"),
+            }
+        }
+        assert!(masks >= 2, "{masks} masks");
     }
 }
