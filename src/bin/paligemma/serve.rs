@@ -949,10 +949,10 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
         let mut choice = json!({
             "index": 0,
             "message": {"role": "assistant", "content": g.text},
-            "finish_reason": finish_reason(&g),
+            "finish_reason": finish_reason(g),
         });
         if want_logprobs {
-            choice["logprobs"] = logprobs(&g, s.vocab.get());
+            choice["logprobs"] = logprobs(g, s.vocab.get());
         }
         let body = json!({
             "id": id,
@@ -960,7 +960,7 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
             "created": created,
             "model": model,
             "choices": [choice],
-            "usage": usage(&g),
+            "usage": usage(g),
             "paligemma": {"objects": answer.objects, "image_size": [w, h]},
         });
         return Ok(axum::Json(body).into_response());
@@ -999,7 +999,7 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
             let objects = answer.objects;
             let last = chunk(
                 json!({}),
-                json!(finish_reason(&g)),
+                json!(finish_reason(g)),
                 Some((usage, objects, [w, h])),
             );
             (Some(format!("{last}data: [DONE]\n\n")), true)
