@@ -279,54 +279,67 @@ fn openai_and_ollama_answer_as_the_cli() {
 }
 
 #[test]
-fn concurrent_requests_answer_as_they_do_alone() {
-    let server = start(&["--max-batch", "4"]);
+fn sixty_four_concurrent_requests_answer_as_they_do_alone() {
+    let server = start(&["--max-batch", "16"]);
     let port = server.port;
-    let cases: Vec<(usize, &str)> = vec![
-        (0, "detect square"),
-        (1, "caption en"),
-        (2, "caption en"),
-        (3, "detect circle ; triangle"),
-        (4, "caption en"),
-        (5, "detect square"),
+    let prompts = [
+        "detect square",
+        "caption en",
+        "detect circle ; triangle",
+        "how many shapes",
     ];
-    let alone: Vec<Value> = cases
-        .iter()
-        .map(|(i, p)| {
-            json_of(
-                &post(
-                    port,
-                    "/v1/chat/completions",
-                    &chat(&scene_b64(*i), p, json!({})),
-                    &[],
-                )
-                .2,
-            )
-        })
-        .collect();
+    let request = |k: usize| chat(&scene_b64(k % 6), prompts[k % 4], json!({}));
+    let answer = |k: usize| -> Value {
+        let (status, _, body) = post(port, "/v1/chat/completions", &request(k), &[]);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v = json_of(&body);
+        json!([v["choices"], v["usage"]])
+    };
+    // The 24 distinct requests, one at a time.
+    let alone: Vec<Value> = (0..24).map(answer).collect();
     let together: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = cases
-            .iter()
-            .map(|(i, p)| {
-                s.spawn(move || {
-                    json_of(
-                        &post(
-                            port,
-                            "/v1/chat/completions",
-                            &chat(&scene_b64(*i), p, json!({})),
-                            &[],
-                        )
-                        .2,
-                    )
-                })
-            })
-            .collect();
+        let handles: Vec<_> = (0..64).map(|k| s.spawn(move || answer(k))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (a, t) in alone.iter().zip(&together) {
-        assert_eq!(a["choices"], t["choices"]);
-        assert_eq!(a["usage"], t["usage"]);
+    for (k, t) in together.iter().enumerate() {
+        assert_eq!(t, &alone[k % 24], "request {k}");
     }
+    let (_, _, body) = http(port, "GET", "/metrics", &[], b"");
+    let metrics = String::from_utf8(body).unwrap();
+    assert!(
+        metrics.contains("paligemma_requests_total 88\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("paligemma_requests_rejected_total 0\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish() {
+    let mut server = start(&[]);
+    let port = server.port;
+    let pid = server.child.id().to_string();
+    let answer = std::thread::scope(|s| {
+        let req = s.spawn(|| {
+            post(
+                port,
+                "/api/generate",
+                &json!({"prompt": "detect square",
+            "images": [scene_b64(0)], "stream": false}),
+                &[],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(kill.success());
+        req.join().unwrap()
+    });
+    assert_eq!(answer.0, 200);
+    assert_eq!(json_of(&answer.2)["response"], SQUARE);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]
@@ -402,8 +415,26 @@ fn bad_requests_get_clear_errors() {
     assert!(m.contains("exactly one image"), "{m}");
 
     let big = chat(&"A".repeat(200_000), "caption en", json!({}));
-    let (s, _, _) = post(port, "/v1/chat/completions", &big, &[]);
+    let (s, _, b) = post(port, "/v1/chat/completions", &big, &[]);
     assert_eq!(s, 413);
+    assert_eq!(json_of(&b)["error"]["code"], "payload_too_large");
+
+    let (s, _, b) = http(port, "GET", "/v2/nothing", &[], b"");
+    assert_eq!(s, 404);
+    assert_eq!(json_of(&b)["error"]["code"], "not_found");
+
+    // A prompt longer than the model's context (8192 positions).
+    let long = "caption en ".repeat(5000);
+    let (s, m) = {
+        let r = post(
+            port,
+            "/v1/chat/completions",
+            &chat(&scene_b64(0), &long, json!({})),
+            &[],
+        );
+        err(r.0, &r.2)
+    };
+    assert_eq!(s, 400, "{m}");
 
     // The server still answers after all of that.
     let (s, _, b) = post(

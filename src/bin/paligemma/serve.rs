@@ -109,7 +109,18 @@ impl IntoResponse for ApiError {
             s if s.is_client_error() => "invalid_request_error",
             _ => "server_error",
         };
-        let body = json!({"error": {"message": self.message, "type": kind}});
+        let code = match self.status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded",
+            StatusCode::GATEWAY_TIMEOUT => "timeout",
+            s if s.is_client_error() => "bad_request",
+            _ => "internal_error",
+        };
+        let body = json!({"error": {"message": self.message, "type": kind, "code": code}});
         let mut r = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut()
@@ -487,8 +498,10 @@ async fn serve_async(opts: ServeOptions) -> anyhow::Result<()> {
         .spawn(move || worker(&opts, worker_shared, jobs_rx, loaded_tx))
         .context("starting the model worker")?;
     let app = router(shared.clone(), max_body);
+    // On Ctrl-C or SIGTERM: stop accepting, let the requests in flight finish, exit.
     let server = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown_signal().await;
+        eprintln!("shutting down: finishing the requests in flight");
     });
     let load = async {
         match loaded_rx.await {
@@ -506,6 +519,28 @@ async fn serve_async(opts: ServeOptions) -> anyhow::Result<()> {
     }
 }
 
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn router(shared: Arc<Shared>, max_body: usize) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -517,6 +552,14 @@ fn router(shared: Arc<Shared>, max_body: usize) -> Router {
     Router::new()
         .route("/health", get(health))
         .merge(api)
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: "no such endpoint: see /v1/chat/completions, /api/generate, \
+                          /v1/models, /api/tags, /health, /metrics"
+                    .into(),
+            }
+        })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(shared)
 }
@@ -906,8 +949,21 @@ fn stream_body(
     Body::from_stream(s)
 }
 
-async fn chat_completions(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
-    match chat(s, body).await {
+/// The body of a POST, or the error axum found reading it (413 over the limit) as JSON.
+fn body_or_error(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|e| ApiError {
+        status: e.status(),
+        message: e.body_text(),
+    })
+}
+
+async fn chat_completions(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    match async { chat(s, body_or_error(body)?).await }.await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -1041,8 +1097,11 @@ fn rfc3339(secs: u64) -> String {
     )
 }
 
-async fn ollama_generate(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
-    match ollama(s, body).await {
+async fn ollama_generate(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    match async { ollama(s, body_or_error(body)?).await }.await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
