@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 use common::{fixture_image as image, fixtures};
 use paligemma::npy;
+use serde_json::Value;
 use safetensors::SafeTensors;
 
 fn model() -> PathBuf {
@@ -220,6 +221,145 @@ fn model_resolves_from_the_hugging_face_cache() {
             "not in the local Hugging Face cache",
             "download",
         ],
+    );
+}
+
+#[test]
+fn revisions_pick_a_snapshot_of_the_cache() {
+    let home = TempDir::new("hfrev");
+    let repo = home.0.join("hub/models--acme--tiny");
+    let snap = repo.join("snapshots/4567def");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/v1"), "4567def\n").unwrap();
+    for entry in std::fs::read_dir(model()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let img = image("astronaut.png");
+    let gen = |rev: &str| {
+        let args = [
+            "generate",
+            "--model",
+            "acme/tiny",
+            "--revision",
+            rev,
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            "caption en",
+            "-n",
+            "2",
+        ];
+        run(&args, &[("HF_HOME", &home.0)])
+    };
+    for rev in ["v1", "4567def"] {
+        let o = gen(rev);
+        assert!(o.status.success(), "{rev}: {}", stderr(&o));
+    }
+    assert_fails(
+        &gen("v2"),
+        &["no revision \"v2\"", "refs: [v1]", "snapshots: [4567def]"],
+    );
+    assert_fails(&gen("../x"), &["no revision"]);
+    let dir = model();
+    let o = run(
+        &[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--revision",
+            "v1",
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            "caption en",
+        ],
+        &[],
+    );
+    assert_fails(&o, &["is a directory", "Hugging Face cache"]);
+}
+
+#[test]
+fn aliases_and_an_image_on_standard_input_answer_as_the_long_forms() {
+    let dir = model();
+    let img = image("astronaut.png");
+    let (m, i) = (dir.to_str().unwrap(), img.to_str().unwrap());
+    let ids = |o: &Output| -> Value {
+        assert!(o.status.success(), "{}", stderr(o));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["token_ids"].clone()
+    };
+    let long = ids(&run(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--image",
+            i,
+            "--prompt",
+            "caption en",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        &[],
+    ));
+    assert_eq!(long.as_array().unwrap().len(), 4);
+    for short in [["-n", "4"], ["--max-tokens", "4"]] {
+        let o = run(
+            &[
+                "generate",
+                "--model",
+                m,
+                "--image",
+                i,
+                "--prompt",
+                "caption en",
+                short[0],
+                short[1],
+                "--temp",
+                "0",
+                "--json",
+            ],
+            &[],
+        );
+        assert_eq!(ids(&o), long, "{short:?}");
+    }
+    let piped = |extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+            .args([
+                "generate",
+                "--model",
+                m,
+                "--image",
+                "-",
+                "--prompt",
+                "caption en",
+                "-n",
+                "4",
+                "--json",
+            ])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        let bytes = std::fs::read(&img).unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(&bytes);
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    };
+    assert_eq!(ids(&piped(&[])), long);
+    assert_fails(
+        &piped(&["--annotate", "/tmp/x.png"]),
+        &["need the image as a file"],
     );
 }
 

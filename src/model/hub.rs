@@ -5,10 +5,24 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// Find a model: a directory path, or `org/name` in the local Hugging Face cache
-/// (`$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
+/// (`$HF_HOME/hub`, else `~/.cache/huggingface/hub`): the snapshot `refs/main` names, else the
+/// newest one.
 pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
+    resolve_model_dir_at(spec, None)
+}
+
+/// [`resolve_model_dir`] at a given `revision` of a cached `org/name` model: a branch or tag
+/// (a file under the repository's `refs/`) or a snapshot's commit hash. A revision with a
+/// directory path is an error.
+pub fn resolve_model_dir_at(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
+        if let Some(rev) = revision {
+            return Err(Error::Model(format!(
+                "{spec} is a directory; a revision ({rev}) selects a snapshot of an org/name \
+                 model in the Hugging Face cache"
+            )));
+        }
         return Ok(path.to_path_buf());
     }
     let how = "download it first, e.g. accept the Gemma licence on the model's Hugging Face page, \
@@ -32,6 +46,9 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
     };
     let repo = hub.join(format!("models--{}--{}", parts[0], parts[1]));
     let snapshots = repo.join("snapshots");
+    if let Some(rev) = revision {
+        return snapshot_at(spec, &repo, rev);
+    }
     if let Ok(main) = std::fs::read_to_string(repo.join("refs/main")) {
         let dir = snapshots.join(main.trim());
         if dir.is_dir() {
@@ -51,4 +68,41 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
             repo.display()
         ))
     })
+}
+
+/// The snapshot of `repo` (the cache folder of model `spec`) at `rev`: `refs/rev` if it
+/// exists, else the snapshot named `rev`. The error lists what the cache holds.
+fn snapshot_at(spec: &str, repo: &Path, rev: &str) -> Result<PathBuf> {
+    let snapshots = repo.join("snapshots");
+    let bad = rev.is_empty() || rev.contains("..") || rev.starts_with('/');
+    if !bad {
+        if let Ok(hash) = std::fs::read_to_string(repo.join("refs").join(rev)) {
+            let dir = snapshots.join(hash.trim());
+            if dir.is_dir() {
+                return Ok(dir);
+            }
+        }
+        let dir = snapshots.join(rev);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+    }
+    let list = |dir: PathBuf| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|e| {
+                e.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    Err(Error::Model(format!(
+        "model {spec} has no revision {rev:?} in the local Hugging Face cache ({}); refs: [{}], \
+         snapshots: [{}]",
+        repo.display(),
+        list(repo.join("refs")).join(", "),
+        list(snapshots).join(", ")
+    )))
 }

@@ -17,7 +17,7 @@ use paligemma::generate::{
 use generate::{answer, BatchJob, PartialFailure, Shard};
 use paligemma::gpu::{Gpu, GpuOptions};
 use paligemma::model::{
-    resolve_model_dir, ImageEncoder, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
+    resolve_model_dir_at, ImageEncoder, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
 };
 use paligemma::tasks::{process_answer, OutputOptions};
 
@@ -47,6 +47,10 @@ struct Cli {
         default_value = "f16"
     )]
     weights: WeightFormat,
+    /// With an org/name model: the Hugging Face cache snapshot to use, a branch or tag
+    /// (`refs/REV`) or a commit hash (default: `main`, else the newest snapshot).
+    #[arg(long, global = true, value_name = "REV")]
+    revision: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,7 +74,7 @@ enum Command {
         /// Checkpoint directory, or org/name in the local Hugging Face cache.
         #[arg(long)]
         model: String,
-        /// Input image.
+        /// Input image; `-` reads it from standard input.
         #[arg(long, required_unless_present = "batch")]
         image: Option<PathBuf>,
         /// The prompt, e.g. "caption en". Repeat it to ask several questions about the same
@@ -92,7 +96,7 @@ enum Command {
         #[arg(long, default_value_t = 16, value_name = "N")]
         max_batch: usize,
         /// Stop after this many new tokens.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, short = 'n', visible_alias = "max-tokens", default_value_t = 64)]
         max_new_tokens: usize,
         /// End the answer before this string (repeatable).
         #[arg(long, value_name = "STRING")]
@@ -101,7 +105,7 @@ enum Command {
         #[arg(long, default_value_t = 1.0, value_name = "F")]
         repetition_penalty: f32,
         /// Sampling temperature; 0 is greedy decoding.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, visible_alias = "temp", default_value_t = 0.0)]
         temperature: f32,
         /// Sample among the k most likely tokens only (0: all).
         #[arg(long, default_value_t = 0)]
@@ -316,7 +320,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::EncodeImage { model, image, out } => {
-            let dir = resolve_model_dir(&model)?;
+            let dir = resolve_model_dir_at(&model, cli.revision.as_deref())?;
             let gpu = open_gpu(cli.max_binding)?;
             let encoder = load_encoder(gpu, &dir, &load)?;
             let pixels = encoder.images.load(&image)?;
@@ -367,7 +371,7 @@ fn run(cli: Cli) -> Result<()> {
             if max_batch == 0 {
                 anyhow::bail!("--max-batch must be at least 1");
             }
-            let dir = resolve_model_dir(&model)?;
+            let dir = resolve_model_dir_at(&model, cli.revision.as_deref())?;
             let gpu = open_gpu(cli.max_binding)?;
             if let Some(file) = batch {
                 if tasks.options().is_some() {
@@ -395,8 +399,23 @@ fn run(cli: Cli) -> Result<()> {
             if prompt.len() > 1 && tasks.options().is_some() {
                 anyhow::bail!("--vae, --annotate and --mask-dir work with a single --prompt");
             }
+            let from_stdin = image.as_os_str() == "-";
+            if from_stdin && tasks.options().is_some() {
+                anyhow::bail!(
+                    "--vae, --annotate and --mask-dir need the image as a file, not `--image -`"
+                );
+            }
             let model = load_model(gpu, &dir, &load)?;
-            let pixels = model.images.load(&image)?;
+            let pixels = if from_stdin {
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)
+                    .context("reading the image from standard input")?;
+                model
+                    .images
+                    .load_bytes(&data, std::path::Path::new("standard input"))?
+            } else {
+                model.images.load(&image)?
+            };
             let shared = match prompt.len() {
                 1 => None,
                 _ => Some(model.image_features(&pixels)?),
@@ -449,7 +468,7 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("--max-batch must be at least 1");
             }
             serve::serve(serve::ServeOptions {
-                model: resolve_model_dir(&model)?,
+                model: resolve_model_dir_at(&model, cli.revision.as_deref())?,
                 host,
                 port,
                 weights: cli.weights,
@@ -479,7 +498,9 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let options = bench::BenchOptions {
-                model: model.map(|m| resolve_model_dir(&m)).transpose()?,
+                model: model
+                    .map(|m| resolve_model_dir_at(&m, cli.revision.as_deref()))
+                    .transpose()?,
                 layers,
                 text_layers,
                 text_tokens,
