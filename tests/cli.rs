@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 
 use common::{fixture_image as image, fixtures};
 use paligemma::npy;
-use serde_json::Value;
 use safetensors::SafeTensors;
+use serde_json::Value;
 
 fn model() -> PathBuf {
     common::fixture_model("tiny-mqa-f32")
