@@ -407,6 +407,19 @@ fn bad_requests_get_clear_errors() {
     assert!(m.contains("max_tokens"), "{m}");
 
     let (s, m) = {
+        let extra = json!({"logprobs": true, "top_logprobs": 21});
+        let r = post(
+            port,
+            "/v1/chat/completions",
+            &chat(&scene_b64(0), "caption en", extra),
+            &[],
+        );
+        err(r.0, &r.2)
+    };
+    assert_eq!(s, 400);
+    assert!(m.contains("top_logprobs"), "{m}");
+
+    let (s, m) = {
         let r = post(
             port,
             "/api/generate",

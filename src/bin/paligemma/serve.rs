@@ -888,6 +888,9 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The most alternatives a token's `top_logprobs` may ask for (OpenAI's limit).
+const MAX_TOP_LOGPROBS: usize = 20;
+
 static COMPLETION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Wait for the end of a job, ignoring its text pieces; the image size comes along.
@@ -977,6 +980,11 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
     } else {
         0
     };
+    if top > MAX_TOP_LOGPROBS {
+        return Err(ApiError::bad(format!(
+            "\"top_logprobs\" must be 0 to {MAX_TOP_LOGPROBS}, got {top}"
+        )));
+    }
     let want_logprobs = v.get("logprobs").and_then(Value::as_bool) == Some(true);
     let max_tokens = count(&v, "max_completion_tokens")?
         .or(count(&v, "max_tokens")?)
