@@ -123,9 +123,9 @@ fn hsum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
-// The row lane t of this workgroup owns, or p.rows if none.
+// The row lane t of this workgroup owns (p.rows or more for the spare lanes of the last).
 fn lane_row(wid: vec3<u32>, nwg: vec3<u32>, t: u32) -> u32 {
-    return min((wid.x + wid.y * nwg.x) * 64u + t, p.rows);
+    return (wid.x + wid.y * nwg.x) * 64u + t;
 }
 
 @compute @workgroup_size(64, 1, 1)

@@ -22,8 +22,9 @@ pub const MAX_HEAD_DIM: usize = 256;
 enum Kernel {
     /// `attention`: 64 threads cooperate on 4 query vectors (GPUs).
     Workgroup,
-    /// `attention_lanes`: two query vectors per thread, K/V loads uniform across the
-    /// workgroup (CPU drivers: about 6x faster on lavapipe).
+    /// `attention_lanes`: four query vectors per thread, 32 threads a workgroup, K/V loads
+    /// uniform across the workgroup (CPU drivers: about 6x faster on lavapipe). Any head_dim:
+    /// unlike [`super::Kernels::Lanes`] it has no width condition.
     Lanes,
 }
 

@@ -1,8 +1,8 @@
 //! Linear layers (`shaders/matmul.wgsl`): `out = combine(out, act(x · Wᵀ + b))` with f16
 //! weights split over any number of chunks, f32 activations and accumulation.
 
-use super::{check, u32_arg, Act, Combine};
-use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
+use super::{check, u32_arg, Act, Combine, Kernels};
+use crate::gpu::{DType, KernelKey, Recorder, Tensor};
 use crate::Result;
 
 /// Options of a [`linear`] launch beyond its tensors.
@@ -47,28 +47,6 @@ const MATVEC_MAX_ROWS: usize = 4;
 /// weight runs suit the prefetchers).
 pub(crate) fn narrow(rows: usize) -> bool {
     rows.div_ceil(256) * 256 - rows > rows / 8
-}
-
-/// Which family of kernels a [`linear`] launch uses (`shaders/matmul.wgsl`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kernels {
-    /// For GPUs: threads of a workgroup share a tile or split k (`matmul`, `matvec`).
-    Threads,
-    /// For CPU adapters, whose workgroups are SIMD loops on one core: each lane owns whole
-    /// weight rows and x is read at lane-uniform addresses (`matmul_lanes`, `matvec_lanes`).
-    /// Needs `k % 4 == 0`.
-    Lanes,
-}
-
-impl Kernels {
-    /// The family for this adapter and width: lanes on CPU adapters when `k % 4 == 0`.
-    pub(crate) fn choose(gpu: &Gpu, k: usize) -> Self {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu && k.is_multiple_of(4) {
-            Kernels::Lanes
-        } else {
-            Kernels::Threads
-        }
-    }
 }
 
 /// Record `out[r] = combine(out[r], act(x[r] · Wᵀ + bias))` for the selected rows.
@@ -202,9 +180,7 @@ pub(crate) fn check_args(
             format!("bias {} must be f32 [{n}]", b.name())
         })?;
     }
-    check(kernels == Kernels::Threads || k % 4 == 0, kernel, || {
-        format!("the lane kernels need k % 4 == 0, got k = {k}")
-    })?;
+    kernels.check(kernel, "k", k)?;
     Ok((n, k, m))
 }
 
@@ -235,15 +211,6 @@ pub fn linear_ref(
 mod tests {
     use super::*;
     use crate::ops::testutil::{assert_close, gpu_with_limit, rand_vec, round_f16};
-
-    /// The kernel families that can run a width-`k` launch.
-    fn families(k: usize) -> Vec<Kernels> {
-        let mut f = vec![Kernels::Threads];
-        if k.is_multiple_of(4) {
-            f.push(Kernels::Lanes);
-        }
-        f
-    }
 
     /// Rows `x_row..x_row + m` of an `[x_rows, k]` input into rows `out_row..` of an
     /// `[out_rows, n]` output, with every kernel family that supports `k`.
@@ -278,7 +245,7 @@ mod tests {
             combine,
             &mut want[out_row * n..(out_row + m) * n],
         );
-        for (kernels, interleave) in families(k)
+        for (kernels, interleave) in Kernels::all_for(k)
             .into_iter()
             .flat_map(|f| [(f, false), (f, true)])
         {

@@ -80,6 +80,47 @@ impl Combine {
 }
 
 /// Convert a size to the `u32` a kernel parameter holds, or fail naming the kernel.
+/// Which family of kernels a launch uses: one per adapter class, both kept in the tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernels {
+    /// For GPUs: the threads of a workgroup cooperate (share a tile, split k, reduce a row).
+    Threads,
+    /// For CPU adapters, whose workgroups are SIMD loops on one core: each lane owns whole
+    /// weight rows or activation rows and walks them in vec4s, with lane-uniform loads and no
+    /// barriers (`*_lanes` entry points). Needs a width that is a multiple of 4.
+    Lanes,
+}
+
+impl Kernels {
+    /// The family for this adapter and width: lanes on CPU adapters when `width % 4 == 0`.
+    pub(crate) fn choose(gpu: &crate::gpu::Gpu, width: usize) -> Self {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu && width.is_multiple_of(4) {
+            Kernels::Lanes
+        } else {
+            Kernels::Threads
+        }
+    }
+
+    /// Check that this family can run `kernel` at `width` (`what` names the width).
+    pub(crate) fn check(self, kernel: &str, what: &str, width: usize) -> Result<()> {
+        check(
+            self == Kernels::Threads || width.is_multiple_of(4),
+            kernel,
+            || format!("the lane kernels need {what} % 4 == 0, got {what} = {width}"),
+        )
+    }
+
+    /// The families that can run a width-`width` launch (tests run each).
+    #[cfg(test)]
+    pub(crate) fn all_for(width: usize) -> Vec<Self> {
+        let mut f = vec![Kernels::Threads];
+        if width.is_multiple_of(4) {
+            f.push(Kernels::Lanes);
+        }
+        f
+    }
+}
+
 pub(crate) fn u32_arg(kernel: &str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::kernel(kernel, format!("{what} = {v} does not fit in u32")))
 }

@@ -6,7 +6,7 @@
 //!   `LayerNorm` (SigLIP);
 //! - [`rms_norm`]: `x / √(mean(x²) + eps) · (1 + w)`, as Gemma's `RMSNorm`.
 
-use super::{check, u32_arg};
+use super::{check, u32_arg, Kernels};
 use crate::gpu::{DType, KernelKey, Recorder, Tensor};
 use crate::Result;
 
@@ -32,31 +32,18 @@ struct Params {
     pad: [u32; 3],
 }
 
-/// Which kernel family a norm runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    /// One workgroup per row with a tree reduction (GPUs).
-    Rows,
-    /// One lane per row, no barriers (CPU adapters; needs `cols % 4 == 0`).
-    Lanes,
-}
-
-impl Family {
-    fn choose(rec: &Recorder, cols: usize) -> Self {
-        if rec.gpu().info.device_type == wgpu::DeviceType::Cpu && cols.is_multiple_of(4) {
-            Family::Lanes
-        } else {
-            Family::Rows
-        }
-    }
-
-    /// The entry point of `kernel` in this family, and its workgroup counts for `rows`.
-    fn entry(self, rec: &Recorder, kernel: &'static str, rows: u32) -> (&'static str, [u32; 3]) {
-        match (self, kernel) {
-            (Family::Rows, _) => (kernel, rec.grid(rows)),
-            (Family::Lanes, "layer_norm") => ("layer_norm_lanes", rec.grid(rows.div_ceil(64))),
-            (Family::Lanes, _) => ("rms_norm_lanes", rec.grid(rows.div_ceil(64))),
-        }
+/// The entry point of `kernel` (`layer_norm` or `rms_norm`) in a family, and its workgroup
+/// counts for `rows`: one workgroup per row (threads), or one lane per row (64 a workgroup).
+fn entry(
+    kernels: Kernels,
+    rec: &Recorder,
+    kernel: &'static str,
+    rows: u32,
+) -> (&'static str, [u32; 3]) {
+    match (kernels, kernel) {
+        (Kernels::Threads, _) => (kernel, rec.grid(rows)),
+        (Kernels::Lanes, "layer_norm") => ("layer_norm_lanes", rec.grid(rows.div_ceil(64))),
+        (Kernels::Lanes, _) => ("rms_norm_lanes", rec.grid(rows.div_ceil(64))),
     }
 }
 
@@ -70,7 +57,7 @@ fn prepare(
     out: &Tensor,
     eps: f32,
     opts: NormOpts,
-    family: Option<Family>,
+    kernels: Option<Kernels>,
 ) -> Result<(Params, KernelKey, [u32; 3])> {
     let cols = x.cols();
     let rows = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
@@ -122,13 +109,9 @@ fn prepare(
         eps,
         pad: [0; 3],
     };
-    let family = family.unwrap_or_else(|| Family::choose(rec, cols));
-    check(
-        family == Family::Rows || cols.is_multiple_of(4),
-        kernel,
-        || format!("the lane kernels need cols % 4 == 0, got {cols}"),
-    )?;
-    let (entry, workgroups) = family.entry(rec, kernel, params.rows);
+    let kernels = kernels.unwrap_or_else(|| Kernels::choose(rec.gpu(), cols));
+    kernels.check(kernel, "cols", cols)?;
+    let (entry, workgroups) = entry(kernels, rec, kernel, params.rows);
     Ok((params, KernelKey::new("norm", entry), workgroups))
 }
 
@@ -158,10 +141,10 @@ fn layer_norm_with(
     out: &Tensor,
     eps: f32,
     opts: NormOpts,
-    family: Option<Family>,
+    kernels: Option<Kernels>,
 ) -> Result<()> {
     const K: &str = "layer_norm";
-    let (params, key, workgroups) = prepare(rec, K, x, weight, out, eps, opts, family)?;
+    let (params, key, workgroups) = prepare(rec, K, x, weight, out, eps, opts, kernels)?;
     check(
         bias.dtype() == DType::F32 && bias.numel() == x.cols(),
         K,
@@ -194,9 +177,9 @@ fn rms_norm_with(
     out: &Tensor,
     eps: f32,
     opts: NormOpts,
-    family: Option<Family>,
+    kernels: Option<Kernels>,
 ) -> Result<()> {
-    let (params, key, workgroups) = prepare(rec, "rms_norm", x, weight, out, eps, opts, family)?;
+    let (params, key, workgroups) = prepare(rec, "rms_norm", x, weight, out, eps, opts, kernels)?;
     let buffers = [x.buffer(), weight.buffer(), out.buffer()];
     rec.dispatch(&key, &params, &buffers, workgroups)?;
     Ok(())
@@ -235,22 +218,13 @@ mod tests {
     use super::*;
     use crate::ops::testutil::{assert_close, gpu_with_limit, rand_vec};
 
-    /// The families that can run a width-`cols` norm.
-    fn families(cols: usize) -> Vec<Family> {
-        let mut f = vec![Family::Rows];
-        if cols.is_multiple_of(4) {
-            f.push(Family::Lanes);
-        }
-        f
-    }
-
     fn layer_norm_case(rows: usize, cols: usize, offset: f32, tol: f32) {
-        for family in families(cols) {
+        for family in Kernels::all_for(cols) {
             layer_norm_family(rows, cols, offset, tol, family);
         }
     }
 
-    fn layer_norm_family(rows: usize, cols: usize, offset: f32, tol: f32, family: Family) {
+    fn layer_norm_family(rows: usize, cols: usize, offset: f32, tol: f32, family: Kernels) {
         let gpu = gpu_with_limit(None);
         let x: Vec<f32> = rand_vec(rows * cols, 2.0, 11)
             .iter()
@@ -299,7 +273,7 @@ mod tests {
             (140, 128, 3, 2, 131),
         ]
         .into_iter()
-        .flat_map(|c| families(c.1).into_iter().map(move |f| (c, f)))
+        .flat_map(|c| Kernels::all_for(c.1).into_iter().map(move |f| (c, f)))
         {
             let x = rand_vec(xrows * cols, 3.0, 21);
             let w = rand_vec(cols, 0.5, 22);

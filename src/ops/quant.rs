@@ -7,7 +7,8 @@
 //! - linear: `out[r] = combine(out[r], act(x[r] · Wᵀ + bias))`, `W = q · s` in f32;
 //! - embed: `out[out_row + i] = combine(out[out_row + i], table[ids[i]] · scale)`.
 
-use super::linear::{check_args, Kernels, LinearOpts};
+use super::linear::{check_args, LinearOpts};
+use super::Kernels;
 use super::{check, u32_arg, Act, Combine};
 use crate::gpu::quantize::fake_quantize;
 use crate::gpu::{DType, KernelKey, Recorder, Tensor};
@@ -217,14 +218,6 @@ mod tests {
 
     const FORMATS: [DType; 2] = [DType::Q8, DType::Q4];
 
-    fn families(k: usize) -> Vec<Kernels> {
-        let mut f = vec![Kernels::Threads];
-        if k.is_multiple_of(4) {
-            f.push(Kernels::Lanes);
-        }
-        f
-    }
-
     fn upload(gpu: &Gpu, dtype: DType, n: usize, k: usize, w: &[f32]) -> Tensor {
         Tensor::weight_quantized(gpu, "w", &[n, k], dtype, |r, dst| {
             dst.copy_from_slice(&w[r * k..(r + 1) * k]);
@@ -281,7 +274,8 @@ mod tests {
                 combine,
                 &mut want[out_row * n..(out_row + m) * n],
             );
-            let mut runs: Vec<Option<Kernels>> = families(k).into_iter().map(Some).collect();
+            let mut runs: Vec<Option<Kernels>> =
+                Kernels::all_for(k).into_iter().map(Some).collect();
             runs.push(None);
             for family in runs {
                 let ot = Tensor::from_f32(&gpu, "out", &[out_rows, n], &init).unwrap();
