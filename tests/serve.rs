@@ -122,6 +122,24 @@ fn json_of(body: &[u8]) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
 }
 
+/// A request that must fail: its status and error message.
+fn rejected(port: u16, path: &str, body: &Value) -> (u16, String) {
+    let (status, _, b) = post(port, path, body, &[]);
+    let message = json_of(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (status, message)
+}
+
+/// Scene 0's "detect square", with `headers`, answered as the CLI answers it.
+fn assert_answers_square(port: u16, headers: &[&str]) {
+    let body = chat(&scene_b64(0), "detect square", json!({}));
+    let (status, _, b) = post(port, "/v1/chat/completions", &body, headers);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["choices"][0]["message"]["content"], SQUARE);
+}
+
 fn scene_b64(i: usize) -> String {
     base64::engine::general_purpose::STANDARD.encode(std::fs::read(common::scene(i)).unwrap())
 }
@@ -350,84 +368,56 @@ fn sigterm_lets_the_request_in_flight_finish() {
 fn bad_requests_get_clear_errors() {
     let server = start(&["--max-body", "100000"]);
     let port = server.port;
-    let err = |status: u16, body: &[u8]| -> (u16, String) {
-        (
-            status,
-            json_of(body)["error"]["message"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        )
-    };
     let (s, _, b) = http(port, "POST", "/v1/chat/completions", &[], b"{not json");
-    let (s, m) = err(s, &b);
+    let m = json_of(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(s, 400);
     assert!(m.contains("not JSON"), "{m}");
 
     let no_image = json!({"messages": [{"role": "user", "content": "caption en"}]});
-    let (s, m) = {
-        let r = post(port, "/v1/chat/completions", &no_image, &[]);
-        err(r.0, &r.2)
-    };
+    let (s, m) = rejected(port, "/v1/chat/completions", &no_image);
     assert_eq!(s, 400);
     assert!(m.contains("image_url"), "{m}");
 
     let mut remote = chat("x", "caption en", json!({}));
     remote["messages"][0]["content"][0]["image_url"]["url"] = json!("https://example.com/cat.png");
-    let (s, m) = {
-        let r = post(port, "/v1/chat/completions", &remote, &[]);
-        err(r.0, &r.2)
-    };
+    let (s, m) = rejected(port, "/v1/chat/completions", &remote);
     assert_eq!(s, 400);
     assert!(m.contains("does not fetch"), "{m}");
 
     let not_image = base64::engine::general_purpose::STANDARD.encode(b"hello, not a picture");
-    let (s, m) = {
-        let r = post(
-            port,
-            "/v1/chat/completions",
-            &chat(&not_image, "caption en", json!({})),
-            &[],
-        );
-        err(r.0, &r.2)
-    };
+    let (s, m) = rejected(
+        port,
+        "/v1/chat/completions",
+        &chat(&not_image, "caption en", json!({})),
+    );
     assert_eq!(s, 400);
     assert!(m.contains("not a recognised image format"), "{m}");
 
-    let (s, m) = {
-        let r = post(
-            port,
-            "/v1/chat/completions",
-            &chat(&scene_b64(0), "caption en", json!({"max_tokens": "many"})),
-            &[],
-        );
-        err(r.0, &r.2)
-    };
+    let (s, m) = rejected(
+        port,
+        "/v1/chat/completions",
+        &chat(&scene_b64(0), "caption en", json!({"max_tokens": "many"})),
+    );
     assert_eq!(s, 400);
     assert!(m.contains("max_tokens"), "{m}");
 
-    let (s, m) = {
-        let extra = json!({"logprobs": true, "top_logprobs": 21});
-        let r = post(
-            port,
-            "/v1/chat/completions",
-            &chat(&scene_b64(0), "caption en", extra),
-            &[],
-        );
-        err(r.0, &r.2)
-    };
+    let extra = json!({"logprobs": true, "top_logprobs": 21});
+    let (s, m) = rejected(
+        port,
+        "/v1/chat/completions",
+        &chat(&scene_b64(0), "caption en", extra),
+    );
     assert_eq!(s, 400);
     assert!(m.contains("top_logprobs"), "{m}");
 
-    let (s, m) = {
-        let r = post(
-            port,
-            "/api/generate",
-            &json!({"prompt": "caption en", "images": []}),
-            &[],
-        );
-        err(r.0, &r.2)
-    };
+    let (s, m) = rejected(
+        port,
+        "/api/generate",
+        &json!({"prompt": "caption en", "images": []}),
+    );
     assert_eq!(s, 400);
     assert!(m.contains("exactly one image"), "{m}");
 
@@ -442,26 +432,15 @@ fn bad_requests_get_clear_errors() {
 
     // A prompt longer than the model's context (8192 positions).
     let long = "caption en ".repeat(5000);
-    let (s, m) = {
-        let r = post(
-            port,
-            "/v1/chat/completions",
-            &chat(&scene_b64(0), &long, json!({})),
-            &[],
-        );
-        err(r.0, &r.2)
-    };
+    let (s, m) = rejected(
+        port,
+        "/v1/chat/completions",
+        &chat(&scene_b64(0), &long, json!({})),
+    );
     assert_eq!(s, 400, "{m}");
 
     // The server still answers after all of that.
-    let (s, _, b) = post(
-        port,
-        "/v1/chat/completions",
-        &chat(&scene_b64(0), "detect square", json!({})),
-        &[],
-    );
-    assert_eq!(s, 200);
-    assert_eq!(json_of(&b)["choices"][0]["message"]["content"], SQUARE);
+    assert_answers_square(port, &[]);
 }
 
 #[test]
@@ -483,14 +462,7 @@ fn api_key_guards_every_endpoint_but_health() {
     );
     let body = chat(&scene_b64(0), "detect square", json!({}));
     assert_eq!(post(port, "/v1/chat/completions", &body, &[]).0, 401);
-    let (s, _, b) = post(
-        port,
-        "/v1/chat/completions",
-        &body,
-        &["Authorization: Bearer s3cret"],
-    );
-    assert_eq!(s, 200);
-    assert_eq!(json_of(&b)["choices"][0]["message"]["content"], SQUARE);
+    assert_answers_square(port, &["Authorization: Bearer s3cret"]);
     assert_eq!(
         http(
             port,
@@ -585,14 +557,7 @@ fn a_client_that_leaves_cancels_its_request() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(metric("paligemma_requests_cancelled_total"), 1);
-    let (s, _, b) = post(
-        port,
-        "/v1/chat/completions",
-        &chat(&scene_b64(0), "detect square", json!({})),
-        &[],
-    );
-    assert_eq!(s, 200);
-    assert_eq!(json_of(&b)["choices"][0]["message"]["content"], SQUARE);
+    assert_answers_square(port, &[]);
 }
 
 #[test]
