@@ -26,7 +26,7 @@ use paligemma::generate::{
     FinishReason, GenerateOptions, Generation, ImageInput, Prompt, Request, RequestId,
     SamplingParams, Scheduler, SchedulerEvent, SchedulerOptions,
 };
-use paligemma::model::{ModelBuilder, PaliGemma, WeightFormat};
+use paligemma::model::PaliGemma;
 use paligemma::processor::image::decode_image_bytes;
 use paligemma::tasks::{parse_answer, paste_mask, MaskDecoder};
 use paligemma::Error;
@@ -36,8 +36,7 @@ pub(crate) struct ServeOptions {
     pub model: PathBuf,
     pub host: String,
     pub port: u16,
-    pub weights: WeightFormat,
-    pub adapter: Option<PathBuf>,
+    pub load: super::LoadFlags,
     pub max_binding: Option<u64>,
     pub max_batch: usize,
     pub max_queue: usize,
@@ -432,19 +431,10 @@ fn admit(model: &PaliGemma, scheduler: &mut Scheduler, job: Job) -> Option<(Requ
     }
 }
 
+/// Open the GPU and load the model as every other command does.
 fn load(opts: &ServeOptions) -> anyhow::Result<PaliGemma> {
-    let gpu = paligemma::gpu::Gpu::new(paligemma::gpu::GpuOptions {
-        weight_binding_limit: opts.max_binding,
-    })?;
-    eprintln!("adapter: {}", gpu.describe());
-    let mut builder = ModelBuilder::new(&opts.model)
-        .gpu(gpu)
-        .weights(opts.weights);
-    if let Some(adapter) = &opts.adapter {
-        builder = builder.adapter(adapter);
-    }
-    builder
-        .build()
+    let gpu = super::open_gpu(opts.max_binding)?;
+    super::load_model(gpu, &opts.model, &opts.load)
         .with_context(|| format!("loading {}", opts.model.display()))
 }
 
