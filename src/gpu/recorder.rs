@@ -194,6 +194,26 @@ struct PlannedOp {
     workgroups: [u32; 3],
 }
 
+/// A command encoder holding `ops` in one compute pass named `label`.
+fn encode(gpu: &Gpu, label: &str, ops: &[PlannedOp]) -> wgpu::CommandEncoder {
+    let mut encoder = gpu
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+    {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: None,
+        });
+        for op in ops {
+            pass.set_pipeline(&op.pipeline);
+            pass.set_bind_group(0, &op.bind_group, &[]);
+            let [x, y, z] = op.workgroups;
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+    encoder
+}
+
 /// A recorded sequence of dispatches with its bind groups, ready to run any number of times.
 pub struct Plan {
     params: wgpu::Buffer,
@@ -229,23 +249,7 @@ impl Plan {
         if gpu.profile.lock().is_ok_and(|p| p.is_some()) {
             return self.submit_profiled(gpu, extra);
         }
-        let mut encoder = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("plan"),
-            });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("plan"),
-                timestamp_writes: None,
-            });
-            for op in &self.ops {
-                pass.set_pipeline(&op.pipeline);
-                pass.set_bind_group(0, &op.bind_group, &[]);
-                let [x, y, z] = op.workgroups;
-                pass.dispatch_workgroups(x, y, z);
-            }
-        }
+        let mut encoder = encode(gpu, "plan", &self.ops);
         extra(&mut encoder);
         gpu.submit(self.ops.len(), [encoder.finish()])
     }
@@ -258,21 +262,7 @@ impl Plan {
         extra: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> wgpu::SubmissionIndex {
         for op in &self.ops {
-            let mut encoder = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("profile"),
-                });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(op.key.entry),
-                    timestamp_writes: None,
-                });
-                pass.set_pipeline(&op.pipeline);
-                pass.set_bind_group(0, &op.bind_group, &[]);
-                let [x, y, z] = op.workgroups;
-                pass.dispatch_workgroups(x, y, z);
-            }
+            let encoder = encode(gpu, op.key.entry, std::slice::from_ref(op));
             let start = std::time::Instant::now();
             gpu.submit(1, [encoder.finish()]);
             // A failed wait shows up in the caller's own wait after the plan.

@@ -965,7 +965,8 @@ async fn chat_completions(
 async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let v = parse_body(&body)?;
     let (image, prompt) = chat_input(&v)?;
-    let top = if v.get("logprobs").and_then(Value::as_bool) == Some(true) {
+    let want_logprobs = v.get("logprobs").and_then(Value::as_bool) == Some(true);
+    let top = if want_logprobs {
         count(&v, "top_logprobs")?.unwrap_or(0)
     } else {
         0
@@ -975,7 +976,6 @@ async fn chat(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
             "\"top_logprobs\" must be 0 to {MAX_TOP_LOGPROBS}, got {top}"
         )));
     }
-    let want_logprobs = v.get("logprobs").and_then(Value::as_bool) == Some(true);
     let max_tokens = count(&v, "max_completion_tokens")?
         .or(count(&v, "max_tokens")?)
         .unwrap_or(GenerateOptions::default().max_new_tokens);
