@@ -34,17 +34,7 @@ pub fn resolve_model_dir_at(spec: &str, revision: Option<&str>) -> Result<PathBu
             "{spec} is not a model directory; {how}"
         )));
     }
-    let hub = match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => match std::env::var_os("HF_HOME") {
-            Some(home) => PathBuf::from(home).join("hub"),
-            None => std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default()
-                .join(".cache/huggingface/hub"),
-        },
-    };
-    let repo = hub.join(format!("models--{}--{}", parts[0], parts[1]));
+    let repo = hub_cache_dir().join(format!("models--{}--{}", parts[0], parts[1]));
     let snapshots = repo.join("snapshots");
     if let Some(rev) = revision {
         return snapshot_at(spec, &repo, rev);
@@ -68,6 +58,46 @@ pub fn resolve_model_dir_at(spec: &str, revision: Option<&str>) -> Result<PathBu
             repo.display()
         ))
     })
+}
+
+/// The local Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> PathBuf {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => match std::env::var_os("HF_HOME") {
+            Some(home) => PathBuf::from(home).join("hub"),
+            None => std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default()
+                .join(".cache/huggingface/hub"),
+        },
+    }
+}
+
+/// The `org/name` of every model in [`hub_cache_dir`] that has at least one snapshot,
+/// sorted (for model pickers; each resolves with [`resolve_model_dir`]).
+pub fn cached_models() -> Vec<String> {
+    models_in(&hub_cache_dir())
+}
+
+fn models_in(hub: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(hub) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let folder = e.file_name().into_string().ok()?;
+            let (org, name) = folder.strip_prefix("models--")?.split_once("--")?;
+            let has_snapshot = std::fs::read_dir(e.path().join("snapshots"))
+                .ok()?
+                .any(|s| s.is_ok_and(|s| s.path().is_dir()));
+            has_snapshot.then(|| format!("{org}/{name}"))
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// The snapshot of `repo` (the cache folder of model `spec`) at `rev`: `refs/rev` if it
@@ -105,4 +135,29 @@ fn snapshot_at(spec: &str, repo: &Path, rev: &str) -> Result<PathBuf> {
         list(repo.join("refs")).join(", "),
         list(snapshots).join(", ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_models_lists_repositories_with_a_snapshot() {
+        let hub = std::env::temp_dir().join(format!("pg-hub-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&hub);
+        for dir in [
+            "models--google--paligemma-3b-mix-224/snapshots/abc",
+            "models--acme--tiny/snapshots/0123",
+            "models--empty--repo/snapshots",
+            "datasets--some--data/snapshots/1",
+        ] {
+            std::fs::create_dir_all(hub.join(dir)).unwrap();
+        }
+        assert_eq!(
+            models_in(&hub),
+            ["acme/tiny", "google/paligemma-3b-mix-224"]
+        );
+        assert!(models_in(&hub.join("missing")).is_empty());
+        std::fs::remove_dir_all(&hub).unwrap();
+    }
 }

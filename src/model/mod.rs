@@ -10,6 +10,6 @@ pub mod weights;
 
 pub use builder::{CancelToken, LoadHandle, LoadProgress, ModelBuilder};
 pub use config::{PaliGemmaConfig, TextConfig, VisionConfig};
-pub use hub::{resolve_model_dir, resolve_model_dir_at};
+pub use hub::{cached_models, hub_cache_dir, resolve_model_dir, resolve_model_dir_at};
 pub use paligemma::{ImageEncoder, PaliGemma};
 pub use weights::{Checkpoint, WeightFormat};
