@@ -780,9 +780,10 @@ impl StudioApp {
             if ui
                 .button(vae)
                 .on_hover_text(
-                    "segment answers need big_vision's VQ-VAE mask decoder, vae-oid.npz \
-                     (from the big_vision PaliGemma colab, or google/paligemma-3b-pt-224 \
-                     demos); pick the .npz file",
+                    "segment answers carry 16 mask codes that big_vision's VQ-VAE \
+                     decoder turns into masks: pick its weights, vae-oid.npz (published \
+                     by Google at gs://big_vision/paligemma/vae-oid.npz and in the \
+                     google/paligemma-hf Hugging Face space)",
                 )
                 .clicked()
             {

@@ -15,10 +15,10 @@ pub fn default_model() -> Option<std::path::PathBuf> {
     asset("tiny-shapes")
 }
 
-/// The repository's sample scene `assets/scenes/scene_002.png` (two circles and a triangle),
+/// The repository's sample scene `assets/scenes/scene_003.png` (two circles and a triangle),
 /// when it can be found.
 pub fn default_image() -> Option<std::path::PathBuf> {
-    asset("scenes/scene_002.png")
+    asset("scenes/scene_003.png")
 }
 
 fn asset(rel: &str) -> Option<std::path::PathBuf> {

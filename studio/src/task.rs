@@ -49,7 +49,9 @@ impl TaskKind {
             TaskKind::Ask => "Answer a question about the image.",
             TaskKind::Detect => "Draw boxes around objects; several objects are separated by `;`.",
             TaskKind::Segment => {
-                "Outline an object. Needs the mask decoder vae-oid.npz (big_vision's VQ-VAE)."
+                "Outline an object. Its mask needs big_vision's mask decoder vae-oid.npz \
+                 (gs://big_vision/paligemma/vae-oid.npz, or the google/paligemma-hf \
+                 Hugging Face space): open it with \"Mask decoder…\"."
             }
             TaskKind::Ocr => "Read the text in the image.",
             TaskKind::Free => "Send the prompt exactly as typed.",
