@@ -12,4 +12,4 @@ pub use builder::{CancelToken, LoadHandle, LoadProgress, ModelBuilder};
 pub use config::{PaliGemmaConfig, TextConfig, VisionConfig};
 pub use hub::{resolve_model_dir, resolve_model_dir_at};
 pub use paligemma::{ImageEncoder, PaliGemma};
-pub use weights::{Checkpoint, WeightFormat};
+pub use weights::{save_quantized, Checkpoint, SavedCheckpoint, WeightFormat};

@@ -17,7 +17,8 @@ use paligemma::generate::{
 use generate::{answer, BatchJob, PartialFailure, Shard};
 use paligemma::gpu::{Gpu, GpuOptions};
 use paligemma::model::{
-    resolve_model_dir_at, ImageEncoder, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
+    resolve_model_dir_at, save_quantized, Checkpoint, ImageEncoder, LoadProgress, ModelBuilder,
+    PaliGemma, WeightFormat,
 };
 use paligemma::tasks::{process_answer, OutputOptions};
 
@@ -39,14 +40,10 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     adapter: Option<PathBuf>,
     /// Store the weight matrices as f16, or quantised to int8 (per output channel) or int4
-    /// (blocks of 32): about 2, 1 and 0.56 bytes a weight.
-    #[arg(
-        long,
-        global = true,
-        value_name = "f16|int8|int4",
-        default_value = "f16"
-    )]
-    weights: WeightFormat,
+    /// (blocks of 32): about 2, 1 and 0.56 bytes a weight. Default: as the checkpoint stores
+    /// them (f16, or the format `paligemma quantize` wrote, the only one it loads in).
+    #[arg(long, global = true, value_name = "f16|int8|int4")]
+    weights: Option<WeightFormat>,
     /// With an org/name model: the Hugging Face cache snapshot to use, a branch or tag
     /// (`refs/REV`) or a commit hash (default: `main`, else the newest snapshot).
     #[arg(long, global = true, value_name = "REV")]
@@ -124,6 +121,17 @@ enum Command {
         top_logprobs: usize,
         #[command(flatten)]
         tasks: TaskArgs,
+    },
+    /// Quantise a checkpoint's weight matrices once (--weights int8|int4, after any
+    /// --adapter) and save them packed as the GPU holds them, with the config and tokenizer
+    /// files, so that loading it copies them instead of quantising again.
+    Quantize {
+        /// Checkpoint directory, or org/name in the local Hugging Face cache.
+        #[arg(long)]
+        model: String,
+        /// The directory to write (new or empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Parse a detect/segment answer (<locNNNN>/<segNNN> tokens) into boxes and masks.
     Parse {
@@ -261,7 +269,20 @@ fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
 /// The global flags that shape a load.
 struct LoadFlags {
     adapter: Option<PathBuf>,
-    weights: WeightFormat,
+    /// `None`: as the checkpoint stores them.
+    weights: Option<WeightFormat>,
+}
+
+/// A progress bar on stderr for `bytes` of work, labelled `what`.
+fn bytes_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{bytes}}/{{total_bytes}} ({{eta}})"
+        ))
+        .expect("valid template"),
+    );
+    bar
 }
 
 /// Load `dir` on `gpu` with `build` (the whole model or the image encoder), drawing the
@@ -272,21 +293,17 @@ fn load_with_bar<T>(
     flags: &LoadFlags,
     build: fn(ModelBuilder) -> paligemma::Result<T>,
 ) -> Result<T> {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "loading weights {bar:40} {bytes}/{total_bytes} ({eta})",
-        )
-        .expect("valid template"),
-    );
+    let bar = bytes_bar("loading weights");
     let draw = bar.clone();
     let mut builder = ModelBuilder::new(dir)
         .gpu(gpu)
-        .weights(flags.weights)
         .on_progress(move |p: &LoadProgress| {
             draw.set_length(p.bytes_total);
             draw.set_position(p.bytes_done);
         });
+    if let Some(format) = flags.weights {
+        builder = builder.weights(format);
+    }
     if let Some(adapter) = &flags.adapter {
         builder = builder.adapter(adapter);
     }
@@ -432,6 +449,36 @@ fn run(cli: Cli) -> Result<()> {
                 answer(&model, request, &image, &tasks, json)?;
             }
         }
+        Command::Quantize { model, out } => {
+            let Some(format) = cli.weights else {
+                anyhow::bail!("quantize needs --weights int8 or --weights int4");
+            };
+            let dir = resolve_model_dir_at(&model, cli.revision.as_deref())?;
+            let bar = bytes_bar(&format!("quantising to {format}"));
+            let draw = bar.clone();
+            let saved = save_quantized(
+                &dir,
+                &out,
+                format,
+                cli.adapter.as_deref(),
+                move |p: &LoadProgress| {
+                    draw.set_length(p.bytes_total);
+                    draw.set_position(p.bytes_done);
+                },
+            );
+            bar.finish_and_clear();
+            let saved = saved?;
+            eprintln!(
+                "wrote {}: {} bytes ({} matrices packed as {format}, {} tensors copied; the \
+                 source's tensors: {} bytes), and copied {}",
+                saved.path.display(),
+                saved.bytes,
+                saved.quantized,
+                saved.copied,
+                saved.source_bytes,
+                saved.files.join(", ")
+            );
+        }
         Command::Parse {
             text,
             image,
@@ -496,10 +543,17 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             json,
         } => {
+            let model = model
+                .map(|m| resolve_model_dir_at(&m, cli.revision.as_deref()))
+                .transpose()?;
+            // A quantised checkpoint loads in its own format only.
+            let default_format = match (cli.weights, &model) {
+                (Some(format), _) => format,
+                (None, Some(dir)) => Checkpoint::open(dir)?.stored_format().unwrap_or_default(),
+                (None, None) => WeightFormat::F16,
+            };
             let options = bench::BenchOptions {
-                model: model
-                    .map(|m| resolve_model_dir_at(&m, cli.revision.as_deref()))
-                    .transpose()?,
+                model,
                 layers,
                 text_layers,
                 text_tokens,
@@ -509,7 +563,7 @@ fn run(cli: Cli) -> Result<()> {
                 run_model: !probes_only,
                 probes: !no_probes,
                 formats: if formats.is_empty() {
-                    vec![cli.weights]
+                    vec![default_format]
                 } else {
                     formats
                 },
