@@ -17,8 +17,8 @@ use paligemma::generate::{
 use generate::{answer, BatchJob, PartialFailure, Shard};
 use paligemma::gpu::{Gpu, GpuOptions};
 use paligemma::model::{
-    resolve_model_dir_at, save_quantized, Checkpoint, ImageEncoder, LoadProgress, ModelBuilder,
-    PaliGemma, WeightFormat,
+    resolve_model_dir_at, save_quantized, Checkpoint, CheckpointKind, ImageEncoder, LoadProgress,
+    ModelBuilder, PaliGemma, WeightFormat,
 };
 use paligemma::tasks::{process_answer, OutputOptions};
 
@@ -312,6 +312,14 @@ fn load_with_bar<T>(
     Ok(result?)
 }
 
+/// The kind of checkpoint `model` (loaded from `dir`) is, logged with `-v`.
+fn checkpoint_kind(model: &PaliGemma, dir: &std::path::Path) -> CheckpointKind {
+    let name = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let kind = CheckpointKind::detect(&model.config, &name);
+    log::info!("checkpoint: {kind}");
+    kind
+}
+
 /// Load the whole model in `dir` on `gpu`.
 fn load_model(
     gpu: std::sync::Arc<Gpu>,
@@ -397,6 +405,7 @@ fn run(cli: Cli) -> Result<()> {
                 let input = std::fs::File::open(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
                 let model = load_model(gpu, &dir, &load)?;
+                checkpoint_kind(&model, &dir);
                 let job = BatchJob {
                     file: &file,
                     shard,
@@ -423,21 +432,36 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let model = load_model(gpu, &dir, &load)?;
-            let pixels = if from_stdin {
+            let kind = checkpoint_kind(&model, &dir);
+            let (pixels, size) = if from_stdin {
                 let mut data = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)
                     .context("reading the image from standard input")?;
-                model
+                let size = image::ImageReader::new(std::io::Cursor::new(&data))
+                    .with_guessed_format()
+                    .ok()
+                    .and_then(|r| r.into_dimensions().ok());
+                let pixels = model
                     .images
-                    .load_bytes(&data, std::path::Path::new("standard input"))?
+                    .load_bytes(&data, std::path::Path::new("standard input"))?;
+                (pixels, size)
             } else {
-                model.images.load(&image)?
+                (
+                    model.images.load(&image)?,
+                    image::image_dimensions(&image).ok(),
+                )
             };
+            let image_warning = size.and_then(|(w, h)| kind.image_warning(w, h));
             let shared = match prompt.len() {
                 1 => None,
                 _ => Some(model.image_features(&pixels)?),
             };
             for prompt in prompt {
+                let mut warnings: Vec<String> = image_warning.iter().cloned().collect();
+                warnings.extend(kind.prompt_warnings(&prompt, tasks.vae.is_some()));
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
                 let request = Request {
                     image: match &shared {
                         Some(features) => ImageInput::Features(features.clone()),
@@ -446,7 +470,11 @@ fn run(cli: Cli) -> Result<()> {
                     prompt: Prompt::Text(prompt),
                     options: options.clone(),
                 };
-                answer(&model, request, &image, &tasks, json)?;
+                let about = generate::About {
+                    kind: &kind,
+                    warnings: &warnings,
+                };
+                answer(&model, request, &image, &tasks, json, &about)?;
             }
         }
         Command::Quantize { model, out } => {
