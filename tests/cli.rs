@@ -794,3 +794,84 @@ fn several_prompts_stop_strings_and_finish_reasons() {
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     assert_fails(&run(&a, &[]), &["repetition penalty"]);
 }
+
+/// `-v` names the checkpoint's kind (read from its config and its `paligemma-*` name), every
+/// JSON object carries it with the request's warnings, and prompts or images that do not fit
+/// it are warned about on stderr: a free-form question to a `pt` checkpoint, a `segment`
+/// prompt without `--vae`, an image squashed by the square resize.
+#[test]
+fn checkpoint_kind_and_prompt_warnings() {
+    let tmp = TempDir::new("kind");
+    let dir = tmp.0.join("paligemma-3b-pt-224");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(common::shapes_model()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let wide = image("chelsea.jpg"); // 451 × 300
+    let o = run(
+        &[
+            "-v",
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--image",
+            wide.to_str().unwrap(),
+            "--prompt",
+            "what is this?",
+            "--prompt",
+            "segment circle",
+            "--json",
+            "-n",
+            "2",
+        ],
+        &[],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    // tiny-shapes is 128 wide: no published size.
+    assert!(err.contains("checkpoint: PaliGemma 1 pt 224 px"), "{err}");
+    assert!(
+        err.contains("warning: \"what is this?\" has no task prefix"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: \"segment circle\" answers with <segNNN> mask codes"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the 451×300 image is resized to 224×224"),
+        "{err}"
+    );
+    assert!(err.contains("width is squashed 1.50×"), "{err}");
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 2);
+    for (line, second) in lines.iter().zip(["has no task prefix", "no mask decoder"]) {
+        assert_eq!(line["model"]["generation"], 1, "{line}");
+        assert_eq!(line["model"]["variant"], "pt", "{line}");
+        assert_eq!(line["model"]["resolution"], 224, "{line}");
+        assert_eq!(line["model"]["size"], Value::Null, "{line}");
+        let warnings = line["warnings"].as_array().unwrap();
+        assert_eq!(warnings.len(), 2, "{line}");
+        assert!(warnings[0].as_str().unwrap().contains("squashed"), "{line}");
+        assert!(warnings[1].as_str().unwrap().contains(second), "{line}");
+    }
+    // A square image and a task prefix: no warnings.
+    let o = run(
+        &[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--image",
+            common::scene(0).to_str().unwrap(),
+            "--prompt",
+            "caption en",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    assert_eq!(json_lines(&o)[0]["warnings"], serde_json::json!([]));
+}

@@ -128,3 +128,155 @@ fn vision_tower_at_896_px() {
     // Patches differ, so their features must too (a broken attention would blur them).
     assert_ne!(features[..2048], features[4095 * 2048..]);
 }
+
+/// The tensors of a PaliGemma checkpoint of `c`'s shapes under their published names.
+fn tensor_shapes(c: &PaliGemmaConfig) -> Vec<(String, Vec<usize>)> {
+    let (v, t) = (&c.vision, &c.text);
+    let d = v.hidden_size;
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: &[usize]| out.push((name, shape.to_vec()));
+    let e = "vision_tower.vision_model.embeddings";
+    push(
+        format!("{e}.patch_embedding.weight"),
+        &[d, v.num_channels, v.patch_size, v.patch_size],
+    );
+    push(format!("{e}.patch_embedding.bias"), &[d]);
+    push(
+        format!("{e}.position_embedding.weight"),
+        &[c.num_image_tokens(), d],
+    );
+    for l in 0..v.num_hidden_layers {
+        let p = format!("vision_tower.vision_model.encoder.layers.{l}");
+        for ln in ["layer_norm1", "layer_norm2"] {
+            push(format!("{p}.{ln}.weight"), &[d]);
+            push(format!("{p}.{ln}.bias"), &[d]);
+        }
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            push(format!("{p}.self_attn.{proj}.weight"), &[d, d]);
+            push(format!("{p}.self_attn.{proj}.bias"), &[d]);
+        }
+        push(format!("{p}.mlp.fc1.weight"), &[v.intermediate_size, d]);
+        push(format!("{p}.mlp.fc1.bias"), &[v.intermediate_size]);
+        push(format!("{p}.mlp.fc2.weight"), &[d, v.intermediate_size]);
+        push(format!("{p}.mlp.fc2.bias"), &[d]);
+    }
+    push(
+        "vision_tower.vision_model.post_layernorm.weight".into(),
+        &[d],
+    );
+    push("vision_tower.vision_model.post_layernorm.bias".into(), &[d]);
+    push(
+        "multi_modal_projector.linear.weight".into(),
+        &[c.projection_dim, d],
+    );
+    push(
+        "multi_modal_projector.linear.bias".into(),
+        &[c.projection_dim],
+    );
+    let (h, i) = (t.hidden_size, t.intermediate_size);
+    let (qd, kvd) = (
+        t.num_attention_heads * t.head_dim,
+        t.num_key_value_heads * t.head_dim,
+    );
+    push(
+        "language_model.model.embed_tokens.weight".into(),
+        &[t.vocab_size, h],
+    );
+    for l in 0..t.num_hidden_layers {
+        let p = format!("language_model.model.layers.{l}");
+        push(format!("{p}.input_layernorm.weight"), &[h]);
+        push(format!("{p}.post_attention_layernorm.weight"), &[h]);
+        push(format!("{p}.self_attn.q_proj.weight"), &[qd, h]);
+        push(format!("{p}.self_attn.k_proj.weight"), &[kvd, h]);
+        push(format!("{p}.self_attn.v_proj.weight"), &[kvd, h]);
+        push(format!("{p}.self_attn.o_proj.weight"), &[h, qd]);
+        push(format!("{p}.mlp.gate_proj.weight"), &[i, h]);
+        push(format!("{p}.mlp.up_proj.weight"), &[i, h]);
+        push(format!("{p}.mlp.down_proj.weight"), &[h, i]);
+    }
+    push("language_model.model.norm.weight".into(), &[h]);
+    out
+}
+
+/// Write `dir/model.safetensors` with every tensor of `c`'s shapes as random f16 values
+/// (matrices uniform in ±1/√cols, vectors in ±0.1), streamed: never more than a row in
+/// memory.
+fn write_random_checkpoint(dir: &std::path::Path, c: &PaliGemmaConfig, seed: u64) {
+    use std::io::Write;
+    let tensors = tensor_shapes(c);
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in &tensors {
+        let bytes = 2 * shape.iter().product::<usize>();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::to_vec(&header).unwrap();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let file = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    w.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
+    w.write_all(&text).unwrap();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut row = Vec::new();
+    for (_, shape) in &tensors {
+        let cols: usize = shape[1..].iter().product::<usize>().max(1);
+        let rows = shape.iter().product::<usize>() / cols;
+        let scale = if shape.len() > 1 {
+            (cols as f32).powf(-0.5)
+        } else {
+            0.1
+        };
+        for _ in 0..rows {
+            row.clear();
+            for _ in 0..cols {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                row.extend_from_slice(&half::f16::from_f32(u * scale).to_le_bytes());
+            }
+            w.write_all(&row).unwrap();
+        }
+    }
+    w.flush().unwrap();
+}
+
+/// Not a test: writes a full PaliGemma-3B-224-shaped f16 checkpoint (27 + 18 layers, random
+/// weights, 5.9 GB) with tiny-shapes' tokenizer to `$PALIGEMMA_FULL_SIZE_DIR`, for
+/// `scripts/quant_load_bench.sh` to time loading it quantised both ways.
+#[test]
+#[ignore = "writes 5.9 GB; run by scripts/quant_load_bench.sh"]
+fn write_full_size_checkpoint() {
+    let dir = std::path::PathBuf::from(
+        std::env::var("PALIGEMMA_FULL_SIZE_DIR").expect("set PALIGEMMA_FULL_SIZE_DIR"),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = CONFIG
+        .replace(
+            "\"num_hidden_layers\": 1, \"vocab_size\"",
+            "\"num_hidden_layers\": 18, \"vocab_size\"",
+        )
+        .replace(
+            "\"num_hidden_layers\": 1, \"patch_size\"",
+            "\"num_hidden_layers\": 27, \"patch_size\"",
+        );
+    let config = PaliGemmaConfig::from_json(&json).unwrap();
+    assert_eq!(
+        (
+            config.vision.num_hidden_layers,
+            config.text.num_hidden_layers
+        ),
+        (27, 18)
+    );
+    std::fs::write(dir.join("config.json"), &json).unwrap();
+    std::fs::copy(
+        common::shapes_model().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    write_random_checkpoint(&dir, &config, 11);
+}

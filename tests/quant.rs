@@ -567,3 +567,443 @@ fn quantised_tiny_shapes_follows_f16() {
         );
     }
 }
+
+/// A fresh directory under the system's temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("paligemma-saved-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+
+    /// A copy of every file of `src` (no subdirectories).
+    fn copy_of(tag: &str, src: &Path) -> Self {
+        let t = Self::new(tag);
+        std::fs::create_dir_all(&t.0).unwrap();
+        for entry in std::fs::read_dir(src).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, t.0.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        t
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The name and shape of every tensor of at least two dimensions in `dir/model.safetensors`.
+fn matrices(dir: &Path) -> Vec<(String, Vec<usize>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<usize>)> = meta
+        .tensors()
+        .into_iter()
+        .filter(|(_, info)| info.shape.len() >= 2)
+        .map(|(name, info)| (name, info.shape.clone()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The bytes of every chunk of `t`, in order.
+fn chunk_bytes(gpu: &Gpu, t: &paligemma::gpu::Tensor) -> Vec<Vec<u8>> {
+    t.chunks()
+        .iter()
+        .map(|c| gpu.read_bytes(&c.buffer, 0, c.buffer.size()).unwrap())
+        .collect()
+}
+
+/// Every matrix of `names` loaded from `quantised` (a checkpoint `save_quantized` wrote) has
+/// the GPU chunks, byte for byte, of `original` quantised at load to `format` (with the LoRA
+/// adapter `adapter` merged), unsplit and split over 64 KiB bindings.
+fn assert_same_buffers(
+    original: &Path,
+    adapter: Option<&Path>,
+    quantised: &Path,
+    format: WeightFormat,
+    names: &[(String, Vec<usize>)],
+) {
+    for limit in [None, Some(64 << 10)] {
+        let gpu = gpu(limit);
+        let mut at_load = Checkpoint::open(original).unwrap();
+        if let Some(adapter) = adapter {
+            at_load.add_adapter(adapter).unwrap();
+        }
+        at_load.set_weight_format(format);
+        let saved = Checkpoint::open(quantised).unwrap();
+        assert_eq!(saved.stored_format(), Some(format));
+        assert_eq!(saved.weight_format(), format);
+        for (name, shape) in names {
+            let a = at_load.matrix(&gpu, name, shape).unwrap();
+            let b = saved.matrix(&gpu, name, shape).unwrap();
+            assert_eq!(a.dtype(), b.dtype(), "{name}");
+            assert_eq!(a.row_stride(), b.row_stride(), "{name}");
+            assert_eq!(a.chunks().len(), b.chunks().len(), "{name} {limit:?}");
+            assert_eq!(
+                chunk_bytes(&gpu, &a),
+                chunk_bytes(&gpu, &b),
+                "{format} {name}, binding limit {limit:?}"
+            );
+        }
+    }
+}
+
+/// `save_quantized` (`paligemma quantize`) writes tiny-shapes' matrices packed: loading the
+/// file gives the GPU buffers, byte for byte, and the greedy tokens of quantising at load,
+/// with progress reported to the end, in far fewer bytes than the source.
+#[test]
+fn saved_quantised_checkpoint_loads_as_quantising_at_load() {
+    let src = common::shapes_model();
+    let names = matrices(&src);
+    for format in [WeightFormat::Int8, WeightFormat::Int4] {
+        let out = TempDir::new(format.name());
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = reports.clone();
+        let saved = paligemma::model::save_quantized(&src, &out.0, format, None, move |p| {
+            sink.lock().unwrap().push((p.bytes_done, p.bytes_total));
+        })
+        .unwrap();
+        // 2-D and 4-D tensors but the patch and position embeddings are packed.
+        assert_eq!(saved.quantized, names.len() - 2, "{format}");
+        assert_eq!(saved.path, out.0.join("model.safetensors"));
+        assert_eq!(
+            saved.bytes,
+            std::fs::metadata(&saved.path).unwrap().len(),
+            "{format}"
+        );
+        let ratio = saved.bytes as f64 / saved.source_bytes as f64;
+        eprintln!(
+            "{format}: {} bytes from {} ({ratio:.3}), {} packed, {} copied",
+            saved.bytes, saved.source_bytes, saved.quantized, saved.copied
+        );
+        let most = if format == WeightFormat::Int8 {
+            0.6
+        } else {
+            0.4
+        };
+        assert!(ratio < most, "{format}: {ratio}");
+        for file in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+            assert!(saved.files.iter().any(|f| f == file), "{file} not copied");
+            assert_eq!(
+                std::fs::read(out.0.join(file)).unwrap(),
+                std::fs::read(src.join(file)).unwrap()
+            );
+        }
+        assert!(!out.0.join("model.safetensors.partial").exists());
+        let reports = reports.lock().unwrap();
+        let last = *reports.last().unwrap();
+        assert_eq!(last, (saved.source_bytes, saved.source_bytes), "{format}");
+        assert!(reports.windows(2).all(|w| w[0].0 <= w[1].0));
+
+        assert_same_buffers(&src, None, &out.0, format, &names);
+
+        let gpu = gpu(None);
+        let before = gpu.bytes_created();
+        let at_load = ModelBuilder::new(&src)
+            .gpu(gpu.clone())
+            .weights(format)
+            .build()
+            .unwrap();
+        let at_load_bytes = gpu.bytes_created() - before;
+        let loads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = loads.clone();
+        let before = gpu.bytes_created();
+        let from_file = ModelBuilder::new(&out.0)
+            .gpu(gpu.clone())
+            .on_progress(move |p| sink.lock().unwrap().push((p.bytes_done, p.bytes_total)))
+            .build()
+            .unwrap();
+        assert_eq!(gpu.bytes_created() - before, at_load_bytes, "{format}");
+        let (done, total) = *loads.lock().unwrap().last().unwrap();
+        assert_eq!(
+            (done, total),
+            (total, saved.bytes - 8 - header_len(&saved.path))
+        );
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        for scene in [0, 3, 5] {
+            let px = at_load.images.load(&common::scene(scene)).unwrap();
+            for prompt in ["caption en", "answer en how many shapes?", "detect circle"] {
+                let ids = at_load.prompts().unwrap().encode(prompt).unwrap();
+                let a = at_load
+                    .generate_ids(&px, &ids, &opts, &mut |_| true)
+                    .unwrap();
+                let b = from_file
+                    .generate_ids(&px, &ids, &opts, &mut |_| true)
+                    .unwrap();
+                assert!(!a.token_ids.is_empty());
+                assert_eq!(
+                    a.token_ids, b.token_ids,
+                    "{format} scene {scene} {prompt:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The length of the JSON header of a safetensors file.
+fn header_len(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    u64::from_le_bytes(bytes[..8].try_into().unwrap())
+}
+
+/// Rows whose width is not a multiple of 16 (int8) or 32 (int4) are padded in the file as on
+/// the GPU, and a LoRA adapter given to `save_quantized` is merged before quantising, as at
+/// load.
+#[test]
+fn saved_checkpoint_pads_ragged_rows_and_merges_lora() {
+    let fixture = fixtures().join("models/tiny-mqa-f32");
+    let adapter = fixtures().join("adapters/tiny-mqa-lora");
+    let src = TempDir::copy_of("ragged-src", &fixture);
+    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ragged: Vec<f32> = (0..5 * 37).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut views: Vec<(String, TensorView)> = st.tensors();
+    views.push((
+        "extra.weight".into(),
+        TensorView::new(Dtype::F32, vec![5, 37], bytemuck::cast_slice(&ragged)).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &src.0.join("model.safetensors")).unwrap();
+    let names = vec![
+        ("extra.weight".to_string(), vec![5, 37]),
+        (
+            "language_model.model.layers.0.self_attn.q_proj.weight".to_string(),
+            vec![128, 64],
+        ),
+        (
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight".to_string(),
+            vec![96, 48],
+        ),
+    ];
+    for format in [WeightFormat::Int8, WeightFormat::Int4] {
+        let out = TempDir::new(&format!("ragged-{format}"));
+        paligemma::model::save_quantized(&src.0, &out.0, format, Some(&adapter), |_| {}).unwrap();
+        assert_same_buffers(&src.0, Some(&adapter), &out.0, format, &names);
+    }
+}
+
+/// Rewrite `dir/model.safetensors` with its tensors unchanged and `metadata` as its
+/// `__metadata__`.
+fn set_metadata(dir: &Path, metadata: &[(&str, &str)]) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let meta = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    safetensors::serialize_to_file(st.tensors(), Some(meta), &path).unwrap();
+}
+
+/// Truncated, corrupt and unknown quantised files, format mismatches, adapters on quantised
+/// weights and bad destinations give errors naming the file or tensor, never a panic.
+#[test]
+fn bad_quantised_checkpoints_are_explained() {
+    let src = common::shapes_model();
+    let good = TempDir::new("good");
+    paligemma::model::save_quantized(&src, &good.0, WeightFormat::Int8, None, |_| {}).unwrap();
+    let gpu = gpu(None);
+    let load = |dir: &Path| {
+        ModelBuilder::new(dir)
+            .gpu(gpu.clone())
+            .build()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let file = |dir: &TempDir| dir.0.join("model.safetensors").display().to_string();
+    let has = |err: &str, needles: &[&str]| {
+        for n in needles {
+            assert!(err.contains(n), "{err:?} lacks {n:?}");
+        }
+    };
+
+    let truncated = TempDir::copy_of("truncated", &good.0);
+    let path = truncated.0.join("model.safetensors");
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len - 1000).unwrap();
+    drop(f);
+    has(
+        &load(&truncated.0),
+        &[&file(&truncated), "not a valid safetensors file"],
+    );
+
+    let corrupt = TempDir::copy_of("corrupt", &good.0);
+    let path = corrupt.0.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8] = b'#';
+    std::fs::write(&path, &bytes).unwrap();
+    has(
+        &load(&corrupt.0),
+        &[&file(&corrupt), "not a valid safetensors file"],
+    );
+
+    // A scale of NaN (int8 scales are f32).
+    let nan = TempDir::copy_of("nan", &good.0);
+    let path = nan.0.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (header, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let name = "language_model.model.layers.1.mlp.up_proj.weight_scale";
+    let at = 8 + header + meta.info(name).unwrap().data_offsets.0 + 4 * 7;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    has(&load(&nan.0), &[name, &file(&nan), "scale 7 is not finite"]);
+
+    let unknown = TempDir::copy_of("unknown", &good.0);
+    set_metadata(
+        &unknown.0,
+        &[
+            ("paligemma.weights", "int3"),
+            ("paligemma.layout_version", "1"),
+        ],
+    );
+    has(
+        &load(&unknown.0),
+        &[
+            &file(&unknown),
+            "paligemma.weights is \"int3\"",
+            "int8, int4",
+        ],
+    );
+    let version = TempDir::copy_of("version", &good.0);
+    set_metadata(
+        &version.0,
+        &[
+            ("paligemma.weights", "int8"),
+            ("paligemma.layout_version", "2"),
+        ],
+    );
+    has(
+        &load(&version.0),
+        &[&file(&version), "\"2\"", "layout version 1"],
+    );
+    let unversioned = TempDir::copy_of("unversioned", &good.0);
+    set_metadata(&unversioned.0, &[("paligemma.weights", "int8")]);
+    has(
+        &load(&unversioned.0),
+        &[&file(&unversioned), "paligemma.layout_version is missing"],
+    );
+    // Packed tensors without the metadata are not weights of any float dtype.
+    let plain = TempDir::copy_of("plain", &good.0);
+    set_metadata(&plain.0, &[]);
+    has(&load(&plain.0), &["has dtype U8", "only F32, BF16 and F16"]);
+
+    let err = ModelBuilder::new(&good.0)
+        .gpu(gpu.clone())
+        .weights(WeightFormat::Int4)
+        .build()
+        .err()
+        .unwrap()
+        .to_string();
+    has(
+        &err,
+        &[
+            &good.0.display().to_string(),
+            "quantised to int8",
+            "not as int4",
+        ],
+    );
+    assert!(ModelBuilder::new(&good.0)
+        .gpu(gpu.clone())
+        .weights(WeightFormat::Int8)
+        .build()
+        .is_ok());
+    let err = ModelBuilder::new(&good.0)
+        .gpu(gpu.clone())
+        .adapter(fixtures().join("adapters/tiny-mqa-lora"))
+        .build()
+        .err()
+        .unwrap()
+        .to_string();
+    has(&err, &["already quantised to int8", "quantize --adapter"]);
+
+    let save = |src: &Path, out: &Path, format| {
+        paligemma::model::save_quantized(src, out, format, None, |_| {})
+            .unwrap_err()
+            .to_string()
+    };
+    let fresh = TempDir::new("fresh");
+    has(
+        &save(&src, &fresh.0, WeightFormat::F16),
+        &["int8 or int4 weights, not f16"],
+    );
+    has(
+        &save(&src, &good.0, WeightFormat::Int4),
+        &[&good.0.display().to_string(), "is not empty"],
+    );
+    has(
+        &save(&good.0, &fresh.0, WeightFormat::Int4),
+        &["already quantised to int8"],
+    );
+    assert!(!fresh.0.exists());
+}
+
+/// `paligemma quantize` then `generate` on its output answers as `--weights int4` on the
+/// original; a mismatched `--weights` and a missing one are explained.
+#[test]
+fn cli_quantize_then_generate() {
+    let src = common::shapes_model();
+    let out = TempDir::new("cli");
+    let bin = || Command::new(env!("CARGO_BIN_EXE_paligemma"));
+    let quantize = |weights: &[&str]| {
+        bin()
+            .args(weights)
+            .args(["quantize", "--model"])
+            .arg(&src)
+            .arg("--out")
+            .arg(&out.0)
+            .output()
+            .unwrap()
+    };
+    let missing = quantize(&[]);
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(
+        err.contains("quantize needs --weights int8 or --weights int4"),
+        "{err}"
+    );
+    let done = quantize(&["--weights", "int4"]);
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{err}");
+    assert!(err.contains("matrices packed as int4"), "{err}");
+    let generate = |model: &Path, weights: &[&str]| {
+        bin()
+            .args(weights)
+            .args(["generate", "--model"])
+            .arg(model)
+            .arg("--image")
+            .arg(common::scene(3))
+            .args(["--prompt", "caption en", "--json"])
+            .output()
+            .unwrap()
+    };
+    let ids = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        json["token_ids"].clone()
+    };
+    let at_load = ids(&generate(&src, &["--weights", "int4"]));
+    assert_eq!(ids(&generate(&out.0, &[])), at_load);
+    assert_eq!(ids(&generate(&out.0, &["--weights", "int4"])), at_load);
+    let wrong = generate(&out.0, &["--weights", "f16"]);
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(err.contains("loads only as int4, not as f16"), "{err}");
+}

@@ -21,6 +21,7 @@
 use half::f16;
 
 use super::DType;
+use crate::{Error, Result};
 
 /// Q8 rows are padded to a multiple of this many values (16 bytes: one `vec4<u32>` load).
 pub const Q8_ROW_ALIGN: usize = 16;
@@ -154,6 +155,26 @@ pub(crate) fn quantize_row(dtype: DType, src: &[f32], data: &mut [u8], scales: &
         }
         DType::F32 | DType::F16 | DType::U32 => unreachable!("{dtype:?} is not quantised"),
     }
+}
+
+/// [`quantize_row`] of row `row` of weight `name`, refusing a non-finite value with an error
+/// naming its row and column.
+pub(crate) fn quantize_checked(
+    name: &str,
+    row: usize,
+    dtype: DType,
+    src: &[f32],
+    data: &mut [u8],
+    scales: &mut [u8],
+) -> Result<()> {
+    if let Some(i) = src.iter().position(|v| !v.is_finite()) {
+        return Err(Error::tensor(
+            name,
+            format!("row {row}, column {i} is {}", src[i]),
+        ));
+    }
+    quantize_row(dtype, src, data, scales);
+    Ok(())
 }
 
 /// Dequantise one packed row into `dst` (`cols` values): the inverse of [`quantize_row`] up to

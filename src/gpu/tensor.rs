@@ -8,7 +8,7 @@
 
 use half::f16;
 
-use super::quantize::{dequantize_row, quantize_row, RowLayout};
+use super::quantize::{dequantize_row, quantize_checked, RowLayout};
 use super::Gpu;
 use crate::{Error, Result};
 
@@ -127,6 +127,12 @@ fn upload_chunk(gpu: &Gpu, name: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
     buffer.unmap();
     gpu.flush_uploads()?;
     Ok(buffer)
+}
+
+/// The row layout of a quantised `dtype`, or an error naming `name` for any other type.
+fn quantized_layout(name: &str, dtype: DType, cols: usize) -> Result<RowLayout> {
+    RowLayout::new(dtype, cols)
+        .ok_or_else(|| Error::tensor(name, format!("{dtype:?} is not a quantised type")))
 }
 
 fn rows_cols(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
@@ -341,9 +347,36 @@ impl Tensor {
         dtype: DType,
         mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
     ) -> Result<Self> {
+        let (_, cols) = rows_cols(name, shape)?;
+        let layout = quantized_layout(name, dtype, cols)?;
+        let mut src = vec![0.0f32; cols];
+        Self::weight_packed(gpu, name, shape, dtype, |row_start, data, scales| {
+            let rows = data.chunks_exact_mut(layout.data_bytes);
+            for (r, (d, s)) in rows
+                .zip(scales.chunks_exact_mut(layout.scale_bytes))
+                .enumerate()
+            {
+                fill(row_start + r, &mut src)?;
+                quantize_checked(name, row_start + r, dtype, &src, d, s)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A quantised weight matrix of `shape` from rows already packed in `dtype`'s layout
+    /// ([`super::quantize`]): `fill(row_start, data, scales)` writes the packed values of the
+    /// chunk's rows from `row_start` on into `data` (`RowLayout::data_bytes` a row, zero on
+    /// entry) and their scales into `scales` (`RowLayout::scale_bytes` a row). Chunks are
+    /// split as in [`Tensor::weight_quantized`], one at a time on the host.
+    pub fn weight_packed(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        mut fill: impl FnMut(usize, &mut [u8], &mut [u8]) -> Result<()>,
+    ) -> Result<Self> {
         let (rows, cols) = rows_cols(name, shape)?;
-        let layout = RowLayout::new(dtype, cols)
-            .ok_or_else(|| Error::tensor(name, format!("{dtype:?} is not a quantised type")))?;
+        let layout = quantized_layout(name, dtype, cols)?;
         let row_bytes = layout.data_bytes + layout.scale_bytes;
         let rows_per_chunk = (gpu.weight_chunk_bytes() as usize / 16 * 16) / row_bytes;
         if rows_per_chunk == 0 {
@@ -357,28 +390,13 @@ impl Tensor {
         }
         let mut chunks = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
         let mut host: Vec<u8> = Vec::new();
-        let mut src = vec![0.0f32; cols];
         let mut row_start = 0;
         while row_start < rows {
             let n = rows_per_chunk.min(rows - row_start);
             host.clear();
             host.resize(layout.chunk_bytes(n), 0);
             let (data, scales) = host.split_at_mut(n * layout.data_bytes);
-            for r in 0..n {
-                fill(row_start + r, &mut src)?;
-                if let Some(i) = src.iter().position(|v| !v.is_finite()) {
-                    return Err(Error::tensor(
-                        name,
-                        format!("row {}, column {i} is {}", row_start + r, src[i]),
-                    ));
-                }
-                quantize_row(
-                    dtype,
-                    &src,
-                    &mut data[r * layout.data_bytes..(r + 1) * layout.data_bytes],
-                    &mut scales[r * layout.scale_bytes..(r + 1) * layout.scale_bytes],
-                );
-            }
+            fill(row_start, data, &mut scales[..n * layout.scale_bytes])?;
             let buffer = upload_chunk(gpu, name, &host)?;
             chunks.push(Chunk {
                 buffer,

@@ -87,7 +87,8 @@ type ProgressFn = Box<dyn FnMut(&LoadProgress) + Send>;
 pub struct ModelBuilder {
     source: Source,
     gpu: Option<Arc<Gpu>>,
-    weights: WeightFormat,
+    /// `None`: as the checkpoint stores them (f16, or the format `paligemma quantize` wrote).
+    weights: Option<WeightFormat>,
     adapter: Option<PathBuf>,
     max_binding: Option<u64>,
     on_progress: Option<ProgressFn>,
@@ -116,7 +117,7 @@ impl ModelBuilder {
         ModelBuilder {
             source,
             gpu: None,
-            weights: WeightFormat::F16,
+            weights: None,
             adapter: None,
             max_binding: None,
             on_progress: None,
@@ -131,9 +132,11 @@ impl ModelBuilder {
         self
     }
 
-    /// Store the weight matrices as f16 (the default) or quantised to int8 / int4.
+    /// Store the weight matrices as f16 or quantised to int8 / int4. By default they load as
+    /// the checkpoint stores them: f16, or the format of a checkpoint written by
+    /// [`super::save_quantized`] (`paligemma quantize`), which loads in that format only.
     pub fn weights(mut self, format: WeightFormat) -> Self {
-        self.weights = format;
+        self.weights = Some(format);
         self
     }
 
@@ -256,6 +259,17 @@ impl ModelBuilder {
                 }
                 let config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
                 let mut ck = Checkpoint::open(&dir)?;
+                match (self.weights, ck.stored_format()) {
+                    (Some(asked), Some(stored)) if asked != stored => {
+                        return Err(Error::Model(format!(
+                            "{} was quantised to {stored} by paligemma quantize and loads only \
+                             as {stored}, not as {asked} (load the original checkpoint for \
+                             {asked})",
+                            dir.display()
+                        )))
+                    }
+                    _ => {}
+                }
                 if let Some(adapter) = &self.adapter {
                     ck.add_adapter(adapter)?;
                 }
@@ -273,7 +287,8 @@ impl ModelBuilder {
                 (*config, Checkpoint::synthetic(seed), images, None)
             }
         };
-        checkpoint.set_weight_format(self.weights);
+        let format = self.weights.or(checkpoint.stored_format());
+        checkpoint.set_weight_format(format.unwrap_or_default());
         checkpoint.set_cancel(self.cancel);
         Ok(Opened {
             gpu,

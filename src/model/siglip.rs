@@ -125,17 +125,17 @@ impl VisionTower {
         let (d, p) = (c.hidden_size, c.patch_size);
         let n = config.num_image_tokens();
         let e = |s: &str| format!("{PREFIX}embeddings.{s}");
-        // The patch embedding and position embeddings stay f16 in every weight format: they
-        // are small (0.7 M and 0.3 M values at 224 px) and feed every image token.
+        // The patch embedding and position embeddings stay f16 in every weight format
+        // (`weights::quantizable`).
         let patch = Linear {
-            weight: ck.matrix_f16(
+            weight: ck.matrix(
                 gpu,
                 &e("patch_embedding.weight"),
                 &[d, c.num_channels, p, p],
             )?,
             bias: ck.vector(gpu, &e("patch_embedding.bias"), d)?,
         };
-        let pos = ck.matrix_f16(gpu, &e("position_embedding.weight"), &[n, d])?;
+        let pos = ck.matrix(gpu, &e("position_embedding.weight"), &[n, d])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let l = |s: &str| format!("{PREFIX}encoder.layers.{i}.{s}");

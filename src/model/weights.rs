@@ -2,6 +2,10 @@
 //! `model.safetensors.index.json`, memory-mapped, with f32 / bf16 / f16 tensors converted to
 //! f16 one binding-chunk at a time (never a full f32 copy in RAM).
 //!
+//! A checkpoint written by `paligemma quantize` ([`save_quantized`], format in [`packed`])
+//! holds the weight matrices already packed in the GPU layout of int8 or int4; they are
+//! copied to the GPU as they are.
+//!
 //! Tensor names are normalised to the published (transformers 4.x / Hub) layout, so
 //! `vision_tower.*` and `model.vision_tower.*` saved by transformers 5 resolve to
 //! `vision_tower.vision_model.*`, and `model.language_model.*` to `language_model.model.*`.
@@ -17,6 +21,10 @@ use safetensors::{Dtype, SafeTensors};
 use super::builder::{CancelToken, LoadProgress};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::{Error, Result};
+
+mod packed;
+
+pub use packed::{save_quantized, SavedCheckpoint, FORMAT_KEY, LAYOUT_KEY, LAYOUT_VERSION};
 
 /// How weight matrices are stored on the GPU, chosen at load time (`--weights`). Quantised
 /// formats are computed from the checkpoint's values in f32 (after any LoRA merge) and never
@@ -110,6 +118,8 @@ pub struct Checkpoint {
     cancel: Option<CancelToken>,
     lora: HashMap<String, LoraDelta>,
     format: WeightFormat,
+    /// The format `paligemma quantize` packed the matrices in, if it wrote this checkpoint.
+    stored: Option<WeightFormat>,
 }
 
 /// The progress of one load: the file bytes of the tensors it will read, counted off as they
@@ -199,6 +209,20 @@ pub fn canonical_name(name: &str) -> String {
     name.to_string()
 }
 
+/// Tensors that stay f16 in every weight format: small (0.7 M and 0.3 M values at 224 px)
+/// and feeding every image token, so their precision matters more than their size.
+const KEPT_F16: [&str; 2] = [
+    "embeddings.patch_embedding.weight",
+    "embeddings.position_embedding.weight",
+];
+
+/// Whether the weight `name` of `shape` is stored in the load's weight format (quantised with
+/// int8 / int4): every matrix but the patch and position embeddings. Vectors (norms, biases)
+/// are always f32 on the GPU.
+pub fn quantizable(name: &str, shape: &[usize]) -> bool {
+    shape.len() >= 2 && !KEPT_F16.iter().any(|k| name.ends_with(k))
+}
+
 /// Converted checkpoint bytes are dropped from the process's memory in pieces of this size.
 const RELEASE_BYTES: usize = 16 << 20;
 
@@ -245,6 +269,8 @@ impl Checkpoint {
         };
         let mut files = Vec::new();
         let mut tensors: HashMap<String, Entry> = HashMap::new();
+        // The stored format of the first shard; every other shard must agree.
+        let mut stored: Option<Option<WeightFormat>> = None;
         for shard in shard_names {
             let path = dir.join(&shard);
             let mmap = map_file(&path)?;
@@ -254,6 +280,18 @@ impl Checkpoint {
                     path.display()
                 ))
             })?;
+            let format = packed::stored_format(&path, meta.metadata().as_ref())?;
+            match stored {
+                Some(first) if first != format => {
+                    return Err(Error::Model(format!(
+                        "{}: stored as {}, but the checkpoint's first shard as {}",
+                        path.display(),
+                        format.map_or("f16/f32", WeightFormat::name),
+                        first.map_or("f16/f32", WeightFormat::name)
+                    )))
+                }
+                _ => stored = Some(format),
+            }
             let base = 8 + header;
             for (name, info) in meta.tensors() {
                 let canonical = canonical_name(&name);
@@ -275,6 +313,7 @@ impl Checkpoint {
             }
             files.push((path, mmap));
         }
+        let stored = stored.flatten();
         Ok(Checkpoint {
             files,
             tensors,
@@ -282,7 +321,8 @@ impl Checkpoint {
             progress: Mutex::new(None),
             cancel: None,
             lora: HashMap::new(),
-            format: WeightFormat::F16,
+            format: stored.unwrap_or_default(),
+            stored,
         })
     }
 
@@ -297,6 +337,7 @@ impl Checkpoint {
             cancel: None,
             lora: HashMap::new(),
             format: WeightFormat::F16,
+            stored: None,
         }
     }
 
@@ -304,6 +345,13 @@ impl Checkpoint {
     /// `adapter_model.safetensors`) into the weights as they load: `W += (alpha / r) · B · A`
     /// (`alpha / √r` with `use_rslora`), computed in f32 before rounding to f16.
     pub fn add_adapter(&mut self, dir: &Path) -> Result<()> {
+        if let Some(stored) = self.stored {
+            return Err(Error::Model(format!(
+                "the LoRA adapter {} cannot be merged into weights already quantised to {stored}; \
+                 merge it when quantising (`paligemma quantize --adapter`)",
+                dir.display()
+            )));
+        }
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let cfg: serde_json::Value = serde_json::from_str(&text)
@@ -559,8 +607,9 @@ impl Checkpoint {
         }
     }
 
-    /// Store the matrices loaded from now on by [`Checkpoint::matrix`] in `format` (f16 by
-    /// default).
+    /// Store the matrices loaded from now on by [`Checkpoint::matrix`] in `format` (by
+    /// default f16, or the format a checkpoint written by [`save_quantized`] stores; such a
+    /// checkpoint loads in that format only).
     pub fn set_weight_format(&mut self, format: WeightFormat) {
         self.format = format;
     }
@@ -570,17 +619,33 @@ impl Checkpoint {
         self.format
     }
 
-    /// Load a weight as a matrix `[shape[0], product of the rest]` (a conv kernel
-    /// `[out, c, kh, kw]` becomes `[out, c·kh·kw]`) in the checkpoint's weight format (see
-    /// [`Checkpoint::set_weight_format`]), checking it has exactly `shape`.
-    pub fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.matrix_as(gpu, name, shape, self.format)
+    /// The format the matrices are stored in if [`save_quantized`] (`paligemma quantize`)
+    /// wrote this checkpoint; `None` for a checkpoint of f32 / bf16 / f16 values.
+    pub fn stored_format(&self) -> Option<WeightFormat> {
+        self.stored
     }
 
-    /// As [`Checkpoint::matrix`], always in f16 (small matrices whose precision matters more
-    /// than their size: the patch embedding and the position embeddings).
-    pub fn matrix_f16(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.matrix_as(gpu, name, shape, WeightFormat::F16)
+    /// Load a weight as a matrix `[shape[0], product of the rest]` (a conv kernel
+    /// `[out, c, kh, kw]` becomes `[out, c·kh·kw]`), checking it has exactly `shape`: in the
+    /// checkpoint's weight format (see [`Checkpoint::set_weight_format`]), except the
+    /// tensors [`quantizable`] keeps in f16.
+    pub fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.check_cancel()?;
+        if !quantizable(name, shape) {
+            return self.matrix_as(gpu, name, shape, WeightFormat::F16);
+        }
+        match self.stored {
+            Some(stored) if stored == self.format => self.packed_matrix(gpu, name, shape, stored),
+            Some(stored) => Err(Error::tensor(
+                name,
+                format!(
+                    "is stored as {stored} (written by paligemma quantize) and loads only as \
+                     {stored}, not as {}",
+                    self.format
+                ),
+            )),
+            None => self.matrix_as(gpu, name, shape, self.format),
+        }
     }
 
     fn matrix_as(
@@ -590,7 +655,6 @@ impl Checkpoint {
         shape: &[usize],
         format: WeightFormat,
     ) -> Result<Tensor> {
-        self.check_cancel()?;
         let rows = shape[0];
         let cols: usize = shape[1..].iter().product();
         let dims = [rows, cols];
@@ -617,19 +681,7 @@ impl Checkpoint {
         let elem = if e.dtype == Dtype::F32 { 4 } else { 2 };
         let data = self.bytes(e);
         let lora = self.lora.get(name);
-        // Row `r` in f32 with the LoRA update added (for quantised formats and LoRA).
-        let row_f32 = |r: usize, dst: &mut [f32]| {
-            let src = &data[r * cols * elem..(r + 1) * cols * elem];
-            Self::convert(e.dtype, src, dst, |x| x, f16::to_f32);
-            if let Some(d) = lora {
-                for k in 0..d.rank {
-                    let coef = d.scale * d.b[r * d.rank + k];
-                    for (w, a) in dst.iter_mut().zip(&d.a[k * cols..(k + 1) * cols]) {
-                        *w += coef * a;
-                    }
-                }
-            }
-        };
+        let row_f32 = |r: usize, dst: &mut [f32]| self.row_f32(e, lora, r, dst);
         let t = match format {
             WeightFormat::F16 => {
                 let mut row = vec![0.0f32; if lora.is_some() { cols } else { 0 }];
@@ -659,6 +711,23 @@ impl Checkpoint {
         self.advance(name, (e.end - e.start) as u64);
         self.release(e, e.start, e.end);
         Ok(t)
+    }
+
+    /// Row `r` of the matrix in entry `e` (`dst.len()` columns) in f32, with the LoRA update
+    /// `lora` added.
+    fn row_f32(&self, e: &Entry, lora: Option<&LoraDelta>, r: usize, dst: &mut [f32]) {
+        let cols = dst.len();
+        let elem = if e.dtype == Dtype::F32 { 4 } else { 2 };
+        let src = &self.bytes(e)[r * cols * elem..(r + 1) * cols * elem];
+        Self::convert(e.dtype, src, dst, |x| x, f16::to_f32);
+        if let Some(d) = lora {
+            for k in 0..d.rank {
+                let coef = d.scale * d.b[r * d.rank + k];
+                for (w, a) in dst.iter_mut().zip(&d.a[k * cols..(k + 1) * cols]) {
+                    *w += coef * a;
+                }
+            }
+        }
     }
 
     /// Called before row `r` (of `row_bytes` bytes in the file) of matrix `name` is read:

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use paligemma::generate::{
     GenerateOptions, ImageInput, Prompt, Request, Scheduler, SchedulerEvent, SchedulerOptions,
 };
-use paligemma::model::PaliGemma;
+use paligemma::model::{CheckpointKind, PaliGemma};
 use paligemma::tasks::process_answer;
 
 use crate::TaskArgs;
@@ -42,14 +42,23 @@ impl Shard {
     }
 }
 
-/// Run one request, streaming its text (or printing its JSON object), then any detection or
-/// segmentation outputs.
+/// What a single request's JSON object says about the checkpoint and the request.
+pub(crate) struct About<'a> {
+    /// The checkpoint's kind (`"model"` in the JSON object).
+    pub kind: &'a CheckpointKind,
+    /// Why the request may not suit the checkpoint (`"warnings"`).
+    pub warnings: &'a [String],
+}
+
+/// Run one request, streaming its text (or printing its JSON object, with `about`), then any
+/// detection or segmentation outputs.
 pub(crate) fn answer(
     model: &PaliGemma,
     request: Request,
     image: &std::path::Path,
     tasks: &TaskArgs,
     json: bool,
+    about: &About,
 ) -> Result<()> {
     let mut stdout = std::io::stdout();
     let mut on_text = |t: &str| {
@@ -72,6 +81,8 @@ pub(crate) fn answer(
         if let Some(r) = &report {
             value["objects"] = serde_json::to_value(&r.objects)?;
         }
+        value["model"] = serde_json::to_value(about.kind)?;
+        value["warnings"] = serde_json::to_value(about.warnings)?;
         println!("{value}");
     } else {
         println!();

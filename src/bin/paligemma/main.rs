@@ -17,7 +17,8 @@ use paligemma::generate::{
 use generate::{answer, BatchJob, PartialFailure, Shard};
 use paligemma::gpu::{Gpu, GpuOptions};
 use paligemma::model::{
-    resolve_model_dir_at, ImageEncoder, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
+    resolve_model_dir_at, save_quantized, Checkpoint, CheckpointKind, ImageEncoder, LoadProgress,
+    ModelBuilder, PaliGemma, WeightFormat,
 };
 use paligemma::tasks::{process_answer, OutputOptions};
 
@@ -39,14 +40,10 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     adapter: Option<PathBuf>,
     /// Store the weight matrices as f16, or quantised to int8 (per output channel) or int4
-    /// (blocks of 32): about 2, 1 and 0.56 bytes a weight.
-    #[arg(
-        long,
-        global = true,
-        value_name = "f16|int8|int4",
-        default_value = "f16"
-    )]
-    weights: WeightFormat,
+    /// (blocks of 32): about 2, 1 and 0.56 bytes a weight. Default: as the checkpoint stores
+    /// them (f16, or the format `paligemma quantize` wrote, the only one it loads in).
+    #[arg(long, global = true, value_name = "f16|int8|int4")]
+    weights: Option<WeightFormat>,
     /// With an org/name model: the Hugging Face cache snapshot to use, a branch or tag
     /// (`refs/REV`) or a commit hash (default: `main`, else the newest snapshot).
     #[arg(long, global = true, value_name = "REV")]
@@ -124,6 +121,17 @@ enum Command {
         top_logprobs: usize,
         #[command(flatten)]
         tasks: TaskArgs,
+    },
+    /// Quantise a checkpoint's weight matrices once (--weights int8|int4, after any
+    /// --adapter) and save them packed as the GPU holds them, with the config and tokenizer
+    /// files, so that loading it copies them instead of quantising again.
+    Quantize {
+        /// Checkpoint directory, or org/name in the local Hugging Face cache.
+        #[arg(long)]
+        model: String,
+        /// The directory to write (new or empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Parse a detect/segment answer (<locNNNN>/<segNNN> tokens) into boxes and masks.
     Parse {
@@ -261,7 +269,20 @@ fn open_gpu(max_binding: Option<u64>) -> Result<std::sync::Arc<Gpu>> {
 /// The global flags that shape a load.
 struct LoadFlags {
     adapter: Option<PathBuf>,
-    weights: WeightFormat,
+    /// `None`: as the checkpoint stores them.
+    weights: Option<WeightFormat>,
+}
+
+/// A progress bar on stderr for `bytes` of work, labelled `what`.
+fn bytes_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{bytes}}/{{total_bytes}} ({{eta}})"
+        ))
+        .expect("valid template"),
+    );
+    bar
 }
 
 /// Load `dir` on `gpu` with `build` (the whole model or the image encoder), drawing the
@@ -272,27 +293,31 @@ fn load_with_bar<T>(
     flags: &LoadFlags,
     build: fn(ModelBuilder) -> paligemma::Result<T>,
 ) -> Result<T> {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "loading weights {bar:40} {bytes}/{total_bytes} ({eta})",
-        )
-        .expect("valid template"),
-    );
+    let bar = bytes_bar("loading weights");
     let draw = bar.clone();
     let mut builder = ModelBuilder::new(dir)
         .gpu(gpu)
-        .weights(flags.weights)
         .on_progress(move |p: &LoadProgress| {
             draw.set_length(p.bytes_total);
             draw.set_position(p.bytes_done);
         });
+    if let Some(format) = flags.weights {
+        builder = builder.weights(format);
+    }
     if let Some(adapter) = &flags.adapter {
         builder = builder.adapter(adapter);
     }
     let result = build(builder);
     bar.finish_and_clear();
     Ok(result?)
+}
+
+/// The kind of checkpoint `model` (loaded from `dir`) is, logged with `-v`.
+fn checkpoint_kind(model: &PaliGemma, dir: &std::path::Path) -> CheckpointKind {
+    let name = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let kind = CheckpointKind::detect(&model.config, &name);
+    log::info!("checkpoint: {kind}");
+    kind
 }
 
 /// Load the whole model in `dir` on `gpu`.
@@ -380,6 +405,7 @@ fn run(cli: Cli) -> Result<()> {
                 let input = std::fs::File::open(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
                 let model = load_model(gpu, &dir, &load)?;
+                checkpoint_kind(&model, &dir);
                 let job = BatchJob {
                     file: &file,
                     shard,
@@ -406,21 +432,36 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let model = load_model(gpu, &dir, &load)?;
-            let pixels = if from_stdin {
+            let kind = checkpoint_kind(&model, &dir);
+            let (pixels, size) = if from_stdin {
                 let mut data = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)
                     .context("reading the image from standard input")?;
-                model
+                let size = image::ImageReader::new(std::io::Cursor::new(&data))
+                    .with_guessed_format()
+                    .ok()
+                    .and_then(|r| r.into_dimensions().ok());
+                let pixels = model
                     .images
-                    .load_bytes(&data, std::path::Path::new("standard input"))?
+                    .load_bytes(&data, std::path::Path::new("standard input"))?;
+                (pixels, size)
             } else {
-                model.images.load(&image)?
+                (
+                    model.images.load(&image)?,
+                    image::image_dimensions(&image).ok(),
+                )
             };
+            let image_warning = size.and_then(|(w, h)| kind.image_warning(w, h));
             let shared = match prompt.len() {
                 1 => None,
                 _ => Some(model.image_features(&pixels)?),
             };
             for prompt in prompt {
+                let mut warnings: Vec<String> = image_warning.iter().cloned().collect();
+                warnings.extend(kind.prompt_warnings(&prompt, tasks.vae.is_some()));
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
                 let request = Request {
                     image: match &shared {
                         Some(features) => ImageInput::Features(features.clone()),
@@ -429,8 +470,42 @@ fn run(cli: Cli) -> Result<()> {
                     prompt: Prompt::Text(prompt),
                     options: options.clone(),
                 };
-                answer(&model, request, &image, &tasks, json)?;
+                let about = generate::About {
+                    kind: &kind,
+                    warnings: &warnings,
+                };
+                answer(&model, request, &image, &tasks, json, &about)?;
             }
+        }
+        Command::Quantize { model, out } => {
+            let Some(format) = cli.weights else {
+                anyhow::bail!("quantize needs --weights int8 or --weights int4");
+            };
+            let dir = resolve_model_dir_at(&model, cli.revision.as_deref())?;
+            let bar = bytes_bar(&format!("quantising to {format}"));
+            let draw = bar.clone();
+            let saved = save_quantized(
+                &dir,
+                &out,
+                format,
+                cli.adapter.as_deref(),
+                move |p: &LoadProgress| {
+                    draw.set_length(p.bytes_total);
+                    draw.set_position(p.bytes_done);
+                },
+            );
+            bar.finish_and_clear();
+            let saved = saved?;
+            eprintln!(
+                "wrote {}: {} bytes ({} matrices packed as {format}, {} tensors copied; the \
+                 source's tensors: {} bytes), and copied {}",
+                saved.path.display(),
+                saved.bytes,
+                saved.quantized,
+                saved.copied,
+                saved.source_bytes,
+                saved.files.join(", ")
+            );
         }
         Command::Parse {
             text,
@@ -496,10 +571,17 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             json,
         } => {
+            let model = model
+                .map(|m| resolve_model_dir_at(&m, cli.revision.as_deref()))
+                .transpose()?;
+            // A quantised checkpoint loads in its own format only.
+            let default_format = match (cli.weights, &model) {
+                (Some(format), _) => format,
+                (None, Some(dir)) => Checkpoint::open(dir)?.stored_format().unwrap_or_default(),
+                (None, None) => WeightFormat::F16,
+            };
             let options = bench::BenchOptions {
-                model: model
-                    .map(|m| resolve_model_dir_at(&m, cli.revision.as_deref()))
-                    .transpose()?,
+                model,
                 layers,
                 text_layers,
                 text_tokens,
@@ -509,7 +591,7 @@ fn run(cli: Cli) -> Result<()> {
                 run_model: !probes_only,
                 probes: !no_probes,
                 formats: if formats.is_empty() {
-                    vec![cli.weights]
+                    vec![default_format]
                 } else {
                     formats
                 },
