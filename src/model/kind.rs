@@ -125,7 +125,7 @@ impl CheckpointKind {
         if p.starts_with("segment") && !masks {
             out.push(format!(
                 "{prompt:?} answers with <segNNN> mask codes, but no mask decoder is loaded \
-                 (--vae vae-oid.npz decodes them into masks)"
+                 (big_vision's vae-oid.npz decodes them into masks)"
             ));
         }
         out
@@ -240,7 +240,7 @@ mod tests {
             .is_empty());
         assert!(pt.prompt_warnings("Caption EN", false).is_empty());
         let seg = mix.prompt_warnings("segment cat", false);
-        assert!(seg.len() == 1 && seg[0].contains("--vae"), "{seg:?}");
+        assert!(seg.len() == 1 && seg[0].contains("vae-oid.npz"), "{seg:?}");
         assert!(mix.prompt_warnings("segment cat", true).is_empty());
         assert!(mix.prompt_warnings("detect cat", false).is_empty());
 

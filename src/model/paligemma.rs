@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::config::PaliGemmaConfig;
 use super::gemma::Gemma;
 use super::siglip::VisionTower;
-use super::weights::Checkpoint;
+use super::weights::{Checkpoint, WeightFormat};
 use crate::gpu::Gpu;
 use crate::processor::image::{ImageProcessor, PixelValues};
 use crate::processor::prompt::PromptProcessor;
@@ -24,6 +24,7 @@ pub struct PaliGemma {
     pub images: ImageProcessor,
     prompts: Option<PromptProcessor>,
     load_s: f64,
+    weights: WeightFormat,
 }
 
 /// Just the image half of PaliGemma (SigLIP + projector) with its preprocessing, for
@@ -82,7 +83,13 @@ impl PaliGemma {
             images,
             prompts,
             load_s: start.elapsed().as_secs_f64(),
+            weights: ck.weight_format(),
         })
+    }
+
+    /// How the weight matrices are stored on the GPU.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.weights
     }
 
     /// The tokenizer and prompt layout.

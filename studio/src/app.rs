@@ -31,8 +31,8 @@ pub struct StartOptions {
     pub prompt: Option<String>,
     /// Run `prompt` as soon as the model and the image are ready.
     pub run: bool,
-    /// Weight format of the first load.
-    pub weights: WeightFormat,
+    /// Weight format of the first load (`None`: as the checkpoint stores them).
+    pub weights: Option<WeightFormat>,
     /// LoRA adapter of the first load.
     pub adapter: Option<PathBuf>,
     /// The mask decoder (`vae-oid.npz`) to load at once.
@@ -92,7 +92,7 @@ pub struct StudioApp {
     engine: Option<Engine>,
     adapter: String,
     model_field: String,
-    format: WeightFormat,
+    format: Option<WeightFormat>,
     adapter_field: String,
     vae: Option<PathBuf>,
     vae_loading: bool,
@@ -359,13 +359,13 @@ impl StudioApp {
                 return;
             }
         };
-        if self.task.kind == TaskKind::Segment && self.vae.is_none() && !self.vae_loading {
-            self.notice = Some(
-                "segment answers carry mask tokens; open the mask decoder (vae-oid.npz) to \
-                 draw the masks, boxes are drawn without it"
-                    .into(),
-            );
-        }
+        let masks = self.vae.is_some() || self.vae_loading;
+        let warnings = self
+            .model
+            .as_ref()
+            .map(|m| m.kind.prompt_warnings(&prompt, masks))
+            .unwrap_or_default();
+        self.notice = (!warnings.is_empty()).then(|| warnings.join("; "));
         engine.send(Command::Ask(Question {
             image_id: picture.id,
             image: Arc::clone(&picture.image),
@@ -741,16 +741,20 @@ impl StudioApp {
             }
             let label = ui.label("Weights");
             egui::ComboBox::from_id_salt("weights")
-                .selected_text(self.format.name())
-                .width(60.0)
+                .selected_text(self.format.map_or("as stored", WeightFormat::name))
+                .width(80.0)
                 .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.format, None, "as stored");
                     for f in WeightFormat::ALL {
-                        ui.selectable_value(&mut self.format, f, f.name());
+                        ui.selectable_value(&mut self.format, Some(f), f.name());
                     }
                 })
                 .response
                 .labelled_by(label.id)
-                .on_hover_text("how the weights are stored on the GPU");
+                .on_hover_text(
+                    "how the weights are stored on the GPU: as the checkpoint stores them \
+                     (f16, or what `paligemma quantize` saved), or quantised at load",
+                );
             let label = ui.label("LoRA");
             ui.add(
                 egui::TextEdit::singleline(&mut self.adapter_field)
@@ -1066,14 +1070,18 @@ impl StudioApp {
     fn timings(&mut self, ui: &mut egui::Ui) {
         let response = ui.vertical(|ui| {
             ui.heading("Timings");
+            // The adapter and model lines wrap, so a long name cannot widen the panel.
+            ui.add(
+                egui::Label::new(RichText::new(format!("adapter: {}", self.adapter)).small())
+                    .wrap(),
+            );
+            if let Some(m) = &self.model {
+                ui.add(
+                    egui::Label::new(RichText::new(format!("model: {}", m.summary)).small()).wrap(),
+                );
+            }
             egui::Grid::new("timings").num_columns(2).show(ui, |ui| {
-                ui.label("adapter");
-                ui.label(RichText::new(&self.adapter).small());
-                ui.end_row();
                 if let Some(m) = &self.model {
-                    ui.label("model");
-                    ui.label(RichText::new(&m.summary).small());
-                    ui.end_row();
                     ui.label("load");
                     ui.label(format!("{:.2} s ({})", m.load_s, m.format));
                     ui.end_row();
@@ -1125,14 +1133,10 @@ impl StudioApp {
             if let Some(p) = &self.picture {
                 let (w, h) = p.image.dimensions();
                 ui.label(format!("{} · {w}×{h}", p.name));
-                if let Some(m) = &self.model {
-                    if w != h {
-                        ui.colored_label(
-                            Color32::from_rgb(181, 137, 0),
-                            format!("squashed to {0}×{0} for the model", m.image_size),
-                        )
-                        .on_hover_text("PaliGemma resizes every image to a square");
-                    }
+                if let Some(warning) = self.model.as_ref().and_then(|m| m.kind.image_warning(w, h))
+                {
+                    ui.colored_label(Color32::from_rgb(181, 137, 0), "squashed")
+                        .on_hover_text(warning);
                 }
             }
         });

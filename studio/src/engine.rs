@@ -18,7 +18,9 @@ use paligemma::generate::{
     SchedulerEvent, SchedulerOptions,
 };
 use paligemma::gpu::Gpu;
-use paligemma::model::{CancelToken, LoadProgress, ModelBuilder, PaliGemma, WeightFormat};
+use paligemma::model::{
+    CancelToken, CheckpointKind, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
+};
 use paligemma::tasks::{parse_answer, paste_mask, MaskDecoder};
 
 /// What to load.
@@ -28,8 +30,9 @@ pub struct LoadRequest {
     pub dir: PathBuf,
     /// What the user typed or picked, for messages.
     pub name: String,
-    /// How the weights are stored on the GPU.
-    pub format: WeightFormat,
+    /// How the weights are stored on the GPU; `None` loads them as the checkpoint stores
+    /// them (f16, or the format `paligemma quantize` saved).
+    pub format: Option<WeightFormat>,
     /// A PEFT LoRA adapter directory merged at load.
     pub adapter: Option<PathBuf>,
     /// Cancels the load.
@@ -78,7 +81,9 @@ pub struct ModelInfo {
     pub name: String,
     /// The checkpoint directory.
     pub dir: PathBuf,
-    /// `PaliGemma` or `PaliGemma 2`, the image size and the sizes of both towers.
+    /// What the config and the name say the checkpoint is (PaliGemma 1 or 2, pt/mix/ft).
+    pub kind: CheckpointKind,
+    /// The kind and the sizes of both towers.
     pub summary: String,
     /// Input image side in pixels.
     pub image_size: usize,
@@ -230,7 +235,6 @@ impl Worker {
         let mut last = Instant::now();
         let mut builder = ModelBuilder::new(&request.dir)
             .gpu(Arc::clone(&self.gpu))
-            .weights(request.format)
             .cancel_token(request.cancel.clone())
             .on_progress(move |p| {
                 // A checkpoint has hundreds of tensors: report at most ~30 times a second,
@@ -240,6 +244,9 @@ impl Worker {
                     out(Update::Progress(p.clone()));
                 }
             });
+        if let Some(format) = request.format {
+            builder = builder.weights(format);
+        }
         if let Some(adapter) = &request.adapter {
             builder = builder.adapter(adapter);
         }
@@ -249,14 +256,9 @@ impl Worker {
         match result {
             Ok(model) => {
                 let config = &model.config;
-                let family = if config.text.is_gemma2() {
-                    "PaliGemma 2"
-                } else {
-                    "PaliGemma"
-                };
+                let kind = CheckpointKind::detect(config, &request.dir);
                 let summary = format!(
-                    "{family} {} px · vision {}×{} · text {}×{} · {} image tokens",
-                    config.vision.image_size,
+                    "{kind} · vision {}×{} · text {}×{} · {} image tokens",
                     config.vision.num_hidden_layers,
                     config.vision.hidden_size,
                     config.text.num_hidden_layers,
@@ -266,9 +268,10 @@ impl Worker {
                 let info = ModelInfo {
                     name: request.name,
                     dir: request.dir,
+                    kind,
                     summary,
                     image_size: config.vision.image_size,
-                    format: request.format,
+                    format: model.weight_format(),
                     adapter: request.adapter,
                     load_s: started.elapsed().as_secs_f64(),
                 };

@@ -33,9 +33,10 @@ struct Args {
     /// "caption en", "answer en how many shapes?", ...).
     #[arg(long)]
     prompt: Option<String>,
-    /// How the weights are stored on the GPU: f16, int8 or int4.
-    #[arg(long, default_value = "f16")]
-    weights: WeightFormat,
+    /// How the weights are stored on the GPU: f16, int8 or int4 (default: as the checkpoint
+    /// stores them).
+    #[arg(long)]
+    weights: Option<WeightFormat>,
     /// PEFT LoRA adapter directory merged into the weights at load.
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
