@@ -875,3 +875,38 @@ fn checkpoint_kind_and_prompt_warnings() {
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
     assert_eq!(json_lines(&o)[0]["warnings"], serde_json::json!([]));
 }
+
+/// `scripts/device_bench.sh --dry-run` (the GPU benchmark's rehearsal on lavapipe): every step
+/// runs at small shapes and the one JSON file holds the probes, the three formats at batch 1
+/// and 8 and the kernel profile.
+#[test]
+fn device_bench_dry_run_writes_its_report() {
+    let dir = TempDir::new("device-bench");
+    let report = dir.0.join("device_bench.json");
+    let o = Command::new(common::root().join("scripts/device_bench.sh"))
+        .args(["--dry-run", "--bin", env!("CARGO_BIN_EXE_paligemma"), "--out"])
+        .arg(&report)
+        .output()
+        .expect("the script runs");
+    assert!(o.status.success(), "exit {:?}: {}", o.status, stderr(&o));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["errors"], serde_json::json!([]));
+    let probes = &v["probes"]["probes"];
+    assert_eq!(probes["read_buffer_bytes"], 64 << 20);
+    assert!(probes["read_gbs"].as_f64().unwrap() > 0.0, "{probes}");
+    let models = v["models"]["models"].as_array().unwrap();
+    let formats: Vec<&str> = models.iter().map(|m| m["weights"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["f16", "int8", "int4"]);
+    for m in models {
+        let batches: Vec<u64> = m["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["batch"].as_u64().unwrap())
+            .collect();
+        assert_eq!(batches, [1, 8], "{m}");
+    }
+    let profile = v["profile"]["models"][0]["profile"].as_array().unwrap();
+    assert!(profile.len() > 5, "{profile:?}");
+}

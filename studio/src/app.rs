@@ -195,7 +195,7 @@ impl StudioApp {
 
     // ----- what tests and automation read -----
 
-    /// Whether a model is loaded.
+    /// The loaded model, if any.
     pub fn model_info(&self) -> Option<&ModelInfo> {
         self.model.as_ref()
     }
@@ -262,8 +262,16 @@ impl StudioApp {
         self.model_field = model.to_string();
     }
 
-    /// Load the model named in the model field.
+    /// Load the model named in the model field (stopping a running answer first).
     pub fn load_model(&mut self) {
+        if self.loading.is_some() {
+            self.errors
+                .push("a model is loading: cancel it before loading another".into());
+            return;
+        }
+        if self.is_busy() {
+            self.stop();
+        }
         let Some(engine) = &self.engine else {
             self.errors
                 .push("no GPU: the model cannot be loaded".into());
@@ -463,7 +471,6 @@ impl StudioApp {
             Update::LoadFailed(e) => {
                 self.loading = None;
                 self.errors.push(e);
-                self.fail_screenshot();
             }
             Update::MaskDecoderLoaded(path) => {
                 self.vae_loading = false;
@@ -504,7 +511,6 @@ impl StudioApp {
                     a.running = false;
                 }
                 self.errors.push(e);
-                self.fail_screenshot();
             }
             Update::Masks(result) => {
                 let Some(a) = &mut self.answer else { return };
@@ -599,6 +605,15 @@ impl StudioApp {
     // ----- --prompt and --screenshot -----
 
     fn automate(&mut self, ctx: &egui::Context) {
+        // In `--screenshot` mode any error ends the run: the window closes and `main` exits 1.
+        if let Some((_, shot)) = &mut self.screenshot {
+            if !self.errors.is_empty() && !matches!(shot, Shot::Done) {
+                *shot = Shot::Done;
+                *self.outcome.lock().expect("not poisoned") = Some(Err(self.errors.join("; ")));
+                ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                return;
+            }
+        }
         if self.run_when_ready
             && self.model.is_some()
             && self.picture.is_some()
@@ -647,22 +662,6 @@ impl StudioApp {
             Some((_, Shot::Waiting | Shot::Requested(_)))
         ) {
             ctx.request_repaint_after(std::time::Duration::from_millis(50));
-        }
-    }
-
-    /// In `--screenshot` mode an error ends the run: the window closes and `main` exits 1.
-    fn fail_screenshot(&mut self) {
-        if let Some((_, shot)) = &mut self.screenshot {
-            if !matches!(shot, Shot::Done) {
-                *shot = Shot::Done;
-                *self.outcome.lock().expect("not poisoned") = Some(Err(self.errors.join("; ")));
-            }
-        }
-    }
-
-    fn close_on_failure(&self, ctx: &egui::Context) {
-        if let Some(Err(_)) = &*self.outcome.lock().expect("not poisoned") {
-            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
         }
     }
 
@@ -1208,7 +1207,6 @@ impl eframe::App for StudioApp {
         self.poll(&ctx);
         self.take_dropped_and_pasted(&ctx);
         self.automate(&ctx);
-        self.close_on_failure(&ctx);
         if self.loading.is_some() {
             // The elapsed-time label moves even between progress reports.
             ctx.request_repaint_after(std::time::Duration::from_millis(100));

@@ -1,7 +1,8 @@
 //! A smoke test of the real window: `studio --prompt "detect square" --screenshot OUT.png`
 //! under Xvfb (`xvfb-run`, which `.ci/run` installs), on the X11 backend and lavapipe. The
 //! screenshot must show the scene and the detected box drawn over it, and the exit code must
-//! be 0; a model directory that is not one must exit 1 with the reason.
+//! be 0; a model directory that is not one, or an image that is not one, must exit 1 with
+//! the reason.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -83,19 +84,30 @@ fn screenshot_of_a_detect_answer_shows_the_image_and_its_box() {
 }
 
 #[test]
-fn a_failing_load_exits_1_with_the_reason() {
+fn a_failing_load_or_image_exits_1_with_the_reason() {
     let shot = std::env::temp_dir().join(format!("studio-fail-{}.png", std::process::id()));
-    let out = studio_under_xvfb(&[
-        "--model",
-        repo("assets/scenes").to_str().unwrap(),
-        "--prompt",
-        "caption en",
-        "--screenshot",
-        shot.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("config.json"), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(!shot.exists());
+    let not_a_model = repo("assets/scenes");
+    let not_an_image = repo("tests/fixtures/images/not_an_image.png");
+    let tiny = repo("assets/tiny-shapes");
+    let scene = repo("assets/scenes/scene_000.png");
+    for (model, image, reason) in [
+        (&not_a_model, &scene, "config.json"),
+        (&tiny, &not_an_image, "not_an_image.png"),
+    ] {
+        let out = studio_under_xvfb(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt",
+            "caption en",
+            "--screenshot",
+            shot.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!shot.exists());
+    }
 }

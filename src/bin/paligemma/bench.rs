@@ -51,6 +51,9 @@ pub struct BenchOptions {
     pub image_size: usize,
     /// Time every kernel dispatch of one more request ([`ModelReport::profile`]).
     pub profile: bool,
+    /// Bytes the read probe streams, over as many storage bindings as the device needs (a
+    /// real GPU's figure needs more than its L2 cache: 1 GiB and up).
+    pub read_bytes: u64,
 }
 
 impl Default for BenchOptions {
@@ -69,6 +72,7 @@ impl Default for BenchOptions {
             batch_sizes: vec![1],
             image_size: 224,
             profile: false,
+            read_bytes: READ_DEFAULT_BYTES,
         }
     }
 }
@@ -184,8 +188,10 @@ pub struct Probes {
     pub read_interleaved_gbs: f64,
     /// Each thread streams its own contiguous run (`read_rows_probe`), GB/s.
     pub read_rows_gbs: f64,
-    /// Bytes of the buffer the read probe streams.
+    /// Bytes the read probe streams a pass (all its buffers).
     pub read_buffer_bytes: u64,
+    /// Storage buffers those bytes are split over (each within the device's binding limit).
+    pub read_buffers: usize,
 }
 
 /// End-to-end figures of one benchmark run. Times are seconds, rates per second, sizes bytes.
@@ -336,6 +342,8 @@ pub struct BatchFigures {
 pub struct BenchReport {
     /// The adapter, as [`Gpu::describe`] says.
     pub adapter: String,
+    /// The adapter's type as wgpu reports it (`DiscreteGpu`, `IntegratedGpu`, `Cpu`, ...).
+    pub device_type: String,
     /// One report per weight format (none with probes only).
     pub models: Vec<ModelReport>,
     /// The device probes, unless skipped.
@@ -370,12 +378,13 @@ pub fn run(gpu: &Arc<Gpu>, opts: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let probes = if opts.probes {
-        Some(run_probes(gpu)?)
+        Some(run_probes(gpu, opts.read_bytes)?)
     } else {
         None
     };
     Ok(BenchReport {
         adapter: gpu.describe(),
+        device_type: format!("{:?}", gpu.info.device_type),
         models,
         probes,
     })
@@ -623,8 +632,8 @@ struct ProbeParams {
 const PROBE_WG: u32 = 64;
 /// vec4 elements each read-probe workgroup streams (256 KiB).
 const READ_PER_GROUP: u32 = 16384;
-/// Largest buffer the read probe streams.
-const READ_MAX_BYTES: u64 = 256 << 20;
+/// Bytes the read probe streams unless told otherwise.
+pub const READ_DEFAULT_BYTES: u64 = 256 << 20;
 /// A probe is scaled up until one run takes at least this long.
 const PROBE_MIN_S: f64 = 0.2;
 
@@ -640,8 +649,13 @@ fn time_plan(gpu: &Gpu, plan: &paligemma::gpu::Plan, reps: usize) -> Result<f64>
     Ok(best)
 }
 
-/// Measure f32 FMA throughput and storage-buffer read bandwidth.
-pub fn run_probes(gpu: &Gpu) -> Result<Probes> {
+/// Measure f32 FMA throughput and storage-buffer read bandwidth (streaming `read_bytes`).
+pub fn run_probes(gpu: &Gpu, read_bytes: u64) -> Result<Probes> {
+    probes_in_bindings(gpu, read_bytes, gpu.max_binding_bytes())
+}
+
+/// [`run_probes`] with the read probe's buffers at most `binding` bytes each.
+fn probes_in_bindings(gpu: &Gpu, read_bytes: u64, binding: u64) -> Result<Probes> {
     let max_groups = gpu
         .limits()
         .max_compute_workgroups_per_dimension
@@ -674,36 +688,57 @@ pub fn run_probes(gpu: &Gpu) -> Result<Probes> {
         }
     };
 
-    // Read bandwidth: one buffer of real (non-zero) data streamed `reps` times a run.
+    // Read bandwidth: `read_bytes` of real (non-zero) data in buffers of at most one binding
+    // each, all streamed `reps` times a run.
     let vec_bytes = 16 * READ_PER_GROUP as u64;
-    let bytes = READ_MAX_BYTES.min(gpu.max_binding_bytes()) / vec_bytes * vec_bytes;
-    let read_groups = (bytes / vec_bytes) as u32;
-    let src = Tensor::zeros(gpu, "probe.src", &[(bytes / 4) as usize])?;
+    let chunk = binding.min(read_bytes) / vec_bytes * vec_bytes;
+    if chunk == 0 {
+        return Err(Error::Request(format!(
+            "the read probe needs at least {vec_bytes} bytes (asked for {read_bytes}, in \
+             bindings of {binding})"
+        )));
+    }
     let piece: Vec<f32> = (0..(4 << 20) / 4)
         .map(|i| (i % 251) as f32 * 1e-3)
         .collect();
     let piece_bytes: &[u8] = bytemuck::cast_slice(&piece);
-    let mut at = 0;
-    while at < bytes {
-        let n = (piece_bytes.len() as u64).min(bytes - at) as usize;
-        gpu.queue.write_buffer(src.buffer(), at, &piece_bytes[..n]);
-        at += n as u64;
+    let mut sources = Vec::new();
+    let mut left = read_bytes / vec_bytes * vec_bytes;
+    while left > 0 {
+        let bytes = chunk.min(left);
+        left -= bytes;
+        let src = Tensor::zeros(gpu, "probe.src", &[(bytes / 4) as usize])?;
+        let mut at = 0;
+        while at < bytes {
+            let n = (piece_bytes.len() as u64).min(bytes - at) as usize;
+            gpu.queue.write_buffer(src.buffer(), at, &piece_bytes[..n]);
+            at += n as u64;
+        }
+        let groups = (bytes / vec_bytes) as u32;
+        let params = ProbeParams {
+            iters: 0,
+            per_group: READ_PER_GROUP,
+            groups,
+            a: 0.0,
+        };
+        sources.push((src, params));
     }
-    let out = Tensor::zeros(gpu, "probe.sums", &[read_groups as usize])?;
-    let params = ProbeParams {
-        iters: 0,
-        per_group: READ_PER_GROUP,
-        groups: read_groups,
-        a: 0.0,
-    };
+    let bytes: u64 = sources
+        .iter()
+        .map(|(_, p)| u64::from(p.groups) * vec_bytes)
+        .sum();
+    let most_groups = (chunk / vec_bytes) as usize;
+    let out = Tensor::zeros(gpu, "probe.sums", &[most_groups])?;
     let read = |entry: &'static str| -> Result<f64> {
         let key = KernelKey::new("probe", entry);
         let mut reps = 1;
         loop {
             let mut rec = Recorder::new(gpu);
-            let grid = rec.grid(read_groups);
             for _ in 0..reps {
-                rec.dispatch(&key, &params, &[out.buffer(), src.buffer()], grid)?;
+                for (src, params) in &sources {
+                    let grid = rec.grid(params.groups);
+                    rec.dispatch(&key, params, &[out.buffer(), src.buffer()], grid)?;
+                }
             }
             let plan = rec.finish()?;
             let t = time_plan(gpu, &plan, 3)?;
@@ -721,6 +756,7 @@ pub fn run_probes(gpu: &Gpu) -> Result<Probes> {
         read_interleaved_gbs,
         read_rows_gbs,
         read_buffer_bytes: bytes,
+        read_buffers: sources.len(),
     })
 }
 
@@ -937,6 +973,27 @@ impl BenchReport {
     }
 }
 
+/// A byte count: a number with an optional `KiB`, `MiB` or `GiB` suffix.
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let shift = match unit {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => return Err(format!("{s:?}: the unit must be B, KiB, MiB or GiB")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a byte count above 0"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1047,8 +1104,30 @@ mod tests {
     #[test]
     fn probes_measure_something() {
         let gpu = Gpu::new(paligemma::gpu::GpuOptions::default()).unwrap();
-        let p = run_probes(&gpu).unwrap();
+        let p = run_probes(&gpu, 8 << 20).unwrap();
         assert!(p.fma_gflops > 0.0 && p.fma_gflops.is_finite(), "{p:?}");
+        assert!(p.read_gbs > 0.0 && p.read_gbs.is_finite(), "{p:?}");
+        assert_eq!((p.read_buffer_bytes, p.read_buffers), (8 << 20, 1));
+    }
+
+    #[test]
+    fn byte_counts_take_binary_units() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert!(parse_bytes("1GB").unwrap_err().contains("unit"));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn the_read_probe_spans_several_bindings() {
+        // 1 MiB bindings: a 3.5 MiB probe is four buffers (1 + 1 + 1 + 0.5 MiB, whole
+        // 256 KiB workgroup runs), all read.
+        let gpu = Gpu::new(paligemma::gpu::GpuOptions::default()).unwrap();
+        let p = probes_in_bindings(&gpu, 7 << 19, 1 << 20).unwrap();
+        assert_eq!((p.read_buffer_bytes, p.read_buffers), (7 << 19, 4), "{p:?}");
         assert!(p.read_gbs > 0.0 && p.read_gbs.is_finite(), "{p:?}");
     }
 }

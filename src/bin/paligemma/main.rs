@@ -230,6 +230,10 @@ enum Command {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Bytes the read-bandwidth probe streams, e.g. 1GiB (more than a GPU's L2 cache),
+        /// split over as many storage bindings as the device needs.
+        #[arg(long, default_value = "256MiB", value_parser = bench::parse_bytes, value_name = "SIZE")]
+        read_bytes: u64,
     },
 }
 
@@ -570,6 +574,7 @@ fn run(cli: Cli) -> Result<()> {
             no_probes,
             profile,
             json,
+            read_bytes,
         } => {
             let model = model
                 .map(|m| resolve_model_dir_at(&m, cli.revision.as_deref()))
@@ -597,6 +602,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 batch_sizes: batch,
                 profile,
+                read_bytes,
                 ..Default::default()
             };
             let gpu = open_gpu(cli.max_binding)?;
