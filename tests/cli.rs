@@ -884,7 +884,12 @@ fn device_bench_dry_run_writes_its_report() {
     let dir = TempDir::new("device-bench");
     let report = dir.0.join("device_bench.json");
     let o = Command::new(common::root().join("scripts/device_bench.sh"))
-        .args(["--dry-run", "--bin", env!("CARGO_BIN_EXE_paligemma"), "--out"])
+        .args([
+            "--dry-run",
+            "--bin",
+            env!("CARGO_BIN_EXE_paligemma"),
+            "--out",
+        ])
         .arg(&report)
         .output()
         .expect("the script runs");
@@ -896,7 +901,10 @@ fn device_bench_dry_run_writes_its_report() {
     assert_eq!(probes["read_buffer_bytes"], 64 << 20);
     assert!(probes["read_gbs"].as_f64().unwrap() > 0.0, "{probes}");
     let models = v["models"]["models"].as_array().unwrap();
-    let formats: Vec<&str> = models.iter().map(|m| m["weights"].as_str().unwrap()).collect();
+    let formats: Vec<&str> = models
+        .iter()
+        .map(|m| m["weights"].as_str().unwrap())
+        .collect();
     assert_eq!(formats, ["f16", "int8", "int4"]);
     for m in models {
         let batches: Vec<u64> = m["batches"]

@@ -446,11 +446,14 @@ impl Gpu {
 
     /// Block until all submitted work is done.
     pub fn wait(&self) -> Result<()> {
-        self.submissions.count_wait();
-        self.device
+        let start = std::time::Instant::now();
+        let done = self
+            .device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
-            .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))
+            .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")));
+        self.submissions.count_wait(start.elapsed());
+        done
     }
 
     /// Submit `buffers` (carrying `dispatches` kernel dispatches in all) to the queue, counted

@@ -323,6 +323,8 @@ pub struct SubmissionStats {
     pub max_dispatches: u64,
     /// Blocking waits for the device.
     pub waits: u64,
+    /// Seconds the host spent blocked in those waits.
+    pub wait_s: f64,
     /// The longest a plan took from submission to completion ([`Plan::run`]), seconds.
     pub longest_run_s: f64,
 }
@@ -334,6 +336,7 @@ pub(crate) struct SubmissionCounters {
     dispatches: AtomicU64,
     max_dispatches: AtomicU64,
     waits: AtomicU64,
+    wait_ns: AtomicU64,
     longest_run_ns: AtomicU64,
 }
 
@@ -351,8 +354,10 @@ impl SubmissionCounters {
         self.longest_run_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_wait(&self) {
+    pub(crate) fn count_wait(&self, took: std::time::Duration) {
         self.waits.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.wait_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> SubmissionStats {
@@ -361,6 +366,7 @@ impl SubmissionCounters {
             dispatches: self.dispatches.load(Ordering::Relaxed),
             max_dispatches: self.max_dispatches.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
+            wait_s: self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9,
             longest_run_s: self.longest_run_ns.load(Ordering::Relaxed) as f64 * 1e-9,
         }
     }
@@ -371,6 +377,7 @@ impl SubmissionCounters {
             &self.dispatches,
             &self.max_dispatches,
             &self.waits,
+            &self.wait_ns,
             &self.longest_run_ns,
         ] {
             c.store(0, Ordering::Relaxed);

@@ -111,6 +111,7 @@ pub struct StudioApp {
     outcome: Outcome,
     timings_rect: Option<Rect>,
     vision_runs: Option<u64>,
+    device_errors: Arc<Mutex<Vec<String>>>,
 }
 
 impl StudioApp {
@@ -120,6 +121,10 @@ impl StudioApp {
     pub fn new(cc: &eframe::CreationContext<'_>, start: StartOptions, outcome: Outcome) -> Self {
         let ctx = cc.egui_ctx.clone();
         let mut errors = Vec::new();
+        let device_errors = Arc::new(Mutex::new(Vec::new()));
+        if let Some(rs) = &cc.wgpu_render_state {
+            watch_device_errors(&rs.device, Arc::clone(&device_errors));
+        }
         let (engine, adapter) = match &cc.wgpu_render_state {
             Some(rs) => match Gpu::from_device(
                 &rs.adapter,
@@ -180,6 +185,7 @@ impl StudioApp {
             outcome,
             timings_rect: None,
             vision_runs: None,
+            device_errors,
         };
         if let Some(vae) = &start.vae {
             app.load_mask_decoder(vae.clone());
@@ -446,6 +452,8 @@ impl StudioApp {
     // ----- updates from the worker -----
 
     fn poll(&mut self, ctx: &egui::Context) {
+        let device_errors = std::mem::take(&mut *self.device_errors.lock().expect("not poisoned"));
+        self.errors.extend(device_errors);
         let Some(engine) = &self.engine else { return };
         let mut updates = Vec::new();
         while let Some(u) = engine.try_recv() {
@@ -1225,6 +1233,24 @@ impl eframe::App for StudioApp {
             });
         egui::CentralPanel::default().show(ui, |ui| self.picture_view(ui));
     }
+}
+
+/// Route the shared device's uncaptured errors to the window instead of wgpu's default,
+/// which panics. One is expected and harmless: the window's surface is reconfigured (on a
+/// resize) by waiting for the queue to drain, and wgpu refuses if the engine's worker submits
+/// meanwhile; egui-wgpu configures it again on a later frame, so that one is only logged.
+fn watch_device_errors(device: &wgpu::Device, sink: Arc<Mutex<Vec<String>>>) {
+    device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+        let text = e.to_string();
+        if text.contains("Surface::configure") {
+            log::warn!("{text} (retried on a later frame)");
+        } else {
+            log::error!("{text}");
+            sink.lock()
+                .expect("not poisoned")
+                .push(format!("GPU: {text}"));
+        }
+    }));
 }
 
 /// The last part of a path, for labels.

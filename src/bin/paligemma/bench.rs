@@ -15,7 +15,7 @@ use serde::Serialize;
 use paligemma::generate::{
     GenerateOptions, Generation, ImageInput, Prompt, Request, SchedulerOptions, Timings,
 };
-use paligemma::gpu::{Gpu, KernelKey, KernelTime, Recorder, Tensor};
+use paligemma::gpu::{Gpu, KernelKey, KernelTime, Recorder, SubmissionStats, Tensor};
 use paligemma::model::{ModelBuilder, PaliGemma, PaliGemmaConfig, TextConfig, WeightFormat};
 use paligemma::processor::image::PixelValues;
 use paligemma::{Error, Result};
@@ -320,6 +320,11 @@ pub struct StepCounts {
     pub submissions_per_step: f64,
     /// Blocking waits per decode step.
     pub waits_per_step: f64,
+    /// Host time per decode step outside those waits (recording, encoding, submitting,
+    /// reading the picks, the scheduler's own work), milliseconds.
+    pub host_ms_per_step: f64,
+    /// Host time per decode step blocked waiting for the device, milliseconds.
+    pub wait_ms_per_step: f64,
     /// The longest submission of the request, seconds.
     pub longest_submission_s: f64,
 }
@@ -604,17 +609,23 @@ fn step_counts(
     ids: &[u32],
     steps: usize,
 ) -> Result<StepCounts> {
-    gpu.reset_submission_stats();
-    generate(model, pixels, ids, 1, 1)?;
-    let one = gpu.submission_stats();
-    gpu.reset_submission_stats();
-    generate(model, pixels, ids, steps + 1, 1)?;
-    let all = gpu.submission_stats();
+    let timed = |new_tokens| -> Result<(SubmissionStats, f64)> {
+        gpu.reset_submission_stats();
+        let start = Instant::now();
+        generate(model, pixels, ids, new_tokens, 1)?;
+        Ok((gpu.submission_stats(), start.elapsed().as_secs_f64()))
+    };
+    let (one, one_s) = timed(1)?;
+    let (all, all_s) = timed(steps + 1)?;
     let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / steps as f64;
+    let wait_s = (all.wait_s - one.wait_s).max(0.0);
+    let host_s = (all_s - one_s - wait_s).max(0.0);
     Ok(StepCounts {
         dispatches_per_step: per(all.dispatches, one.dispatches),
         submissions_per_step: per(all.submissions, one.submissions),
         waits_per_step: per(all.waits, one.waits),
+        host_ms_per_step: 1e3 * host_s / steps as f64,
+        wait_ms_per_step: 1e3 * wait_s / steps as f64,
         longest_submission_s: all.longest_run_s,
     })
 }
@@ -890,6 +901,12 @@ impl BenchReport {
                 &mut s,
                 "  submissions / blocking waits",
                 format!("{:.1} / {:.1}", c.submissions_per_step, c.waits_per_step),
+                None,
+            );
+            row(
+                &mut s,
+                "  host ms outside / inside waits",
+                format!("{:.2} / {:.2}", c.host_ms_per_step, c.wait_ms_per_step),
                 None,
             );
             row(
