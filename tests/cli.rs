@@ -498,6 +498,93 @@ fn bad_images_are_named() {
     }
 }
 
+/// The HF beam-search case of `tests/fixtures/beam.json` for tiny-mqa-f32 on the astronaut.
+fn beam_case(beams: u64, early: &Value) -> Value {
+    let text = std::fs::read_to_string(fixtures().join("beam.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["model"] == "tests/fixtures/models/tiny-mqa-f32"
+                && c["pixels"] == "ref/astronaut_pixel_values.npy"
+                && c["num_beams"] == beams
+                && &c["early_stopping"] == early
+        })
+        .expect("the fixture has the case")
+        .clone()
+}
+
+#[test]
+fn generate_num_beams_matches_hf_beam_search() {
+    let m = model();
+    let img = image("astronaut.png");
+    let base = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--prompt",
+        "caption en",
+        "--max-new-tokens",
+        "20",
+    ];
+    let runs: [(&[&str], Value); 2] = [
+        (&["--num-beams", "3"], beam_case(3, &Value::Bool(false))),
+        (
+            &[
+                "--num-beams",
+                "3",
+                "--length-penalty",
+                "0.5",
+                "--early-stopping",
+            ],
+            beam_case(3, &Value::Bool(true)),
+        ),
+    ];
+    let mut texts = Vec::new();
+    for (extra, want) in runs {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let o = run(&args, &[]);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+        assert_eq!(v["token_ids"], want["ids"], "{extra:?}");
+        let (score, hf) = (
+            v["beam_score"].as_f64().unwrap(),
+            want["score"].as_f64().unwrap(),
+        );
+        assert!(
+            (score - hf).abs() < 1e-3,
+            "{extra:?}: score {score} vs HF {hf}"
+        );
+        texts.push(v["text"].as_str().unwrap().to_string());
+    }
+    // Without --json the answer is printed as text.
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--num-beams", "3"]);
+    let o = run(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("{}\n", texts[0])
+    );
+    assert_fails(
+        &run(&[&base[..], &["--num-beams", "0"]].concat(), &[]),
+        &["--num-beams must be at least 1"],
+    );
+    assert_fails(
+        &run(
+            &[&base[..], &["--num-beams", "2", "--temperature", "0.5"]].concat(),
+            &[],
+        ),
+        &["beam search", "temperature 0, not 0.5"],
+    );
+}
+
 #[test]
 fn bad_requests_are_explained() {
     let m = model();
@@ -884,7 +971,12 @@ fn device_bench_dry_run_writes_its_report() {
     let dir = TempDir::new("device-bench");
     let report = dir.0.join("device_bench.json");
     let o = Command::new(common::root().join("scripts/device_bench.sh"))
-        .args(["--dry-run", "--bin", env!("CARGO_BIN_EXE_paligemma"), "--out"])
+        .args([
+            "--dry-run",
+            "--bin",
+            env!("CARGO_BIN_EXE_paligemma"),
+            "--out",
+        ])
         .arg(&report)
         .output()
         .expect("the script runs");
@@ -896,7 +988,10 @@ fn device_bench_dry_run_writes_its_report() {
     assert_eq!(probes["read_buffer_bytes"], 64 << 20);
     assert!(probes["read_gbs"].as_f64().unwrap() > 0.0, "{probes}");
     let models = v["models"]["models"].as_array().unwrap();
-    let formats: Vec<&str> = models.iter().map(|m| m["weights"].as_str().unwrap()).collect();
+    let formats: Vec<&str> = models
+        .iter()
+        .map(|m| m["weights"].as_str().unwrap())
+        .collect();
     assert_eq!(formats, ["f16", "int8", "int4"]);
     for m in models {
         let batches: Vec<u64> = m["batches"]
