@@ -16,6 +16,9 @@ use serde_json::Value;
 /// Largest difference allowed between the engine's score and HF's.
 const SCORE_TOL: f64 = 1e-3;
 
+/// Weights forced into 64 KiB bindings, so the split path runs (as in `tests/parity.rs`).
+const SPLIT_LIMIT: u64 = 64 * 1024;
+
 fn cases() -> Vec<Value> {
     let path = fixtures().join("beam.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
@@ -46,9 +49,11 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// Run every case of the model at `dir` (relative to the repository root) and compare.
-fn check_model(dir: &str) {
-    let gpu = gpu(None);
+/// Run every case of the model at `dir` (relative to the repository root) and compare,
+/// optionally with weights in bindings of at most `limit` bytes; every step also records
+/// its 3 best alternatives.
+fn check_model(dir: &str, limit: Option<u64>) {
+    let gpu = gpu(limit);
     let pg = load(&gpu, &root().join(dir));
     let mut checked = 0;
     let mut worst: f64 = 0.0;
@@ -72,7 +77,10 @@ fn check_model(dir: &str) {
                 (px, pg.prompts().unwrap().encode(prompt).unwrap())
             }
         };
-        let opts = options(case);
+        let opts = GenerateOptions {
+            top_logprobs: 3,
+            ..options(case)
+        };
         let mut pieces = Vec::new();
         let out = pg
             .generate_ids(&pixels, &prompt, &opts, &mut |t| {
@@ -106,27 +114,36 @@ fn check_model(dir: &str) {
             false => FinishReason::Length,
         };
         assert_eq!(out.finish_reason, reason, "{label}");
+        for s in &out.steps {
+            assert_eq!(s.top.len(), 3, "{label}");
+            assert!(
+                s.top[0].1 >= s.logprob && s.top[0].1 >= s.top[2].1,
+                "{label}"
+            );
+        }
         // The answer comes to the callback once, whole.
         assert_eq!(pieces.concat(), out.text, "{label}");
         checked += 1;
     }
     assert_eq!(checked, 8.max(12 * dir.contains("shapes") as usize));
-    eprintln!("{dir}: {checked} cases, largest score difference from HF {worst:.2e}");
+    eprintln!("{dir} ({limit:?}): {checked} cases, largest score difference from HF {worst:.2e}");
 }
 
 #[test]
 fn mqa_f32_matches_hf_beam_search() {
-    check_model("tests/fixtures/models/tiny-mqa-f32");
+    check_model("tests/fixtures/models/tiny-mqa-f32", None);
+    check_model("tests/fixtures/models/tiny-mqa-f32", Some(SPLIT_LIMIT));
 }
 
 #[test]
 fn gqa_bf16_matches_hf_beam_search() {
-    check_model("tests/fixtures/models/tiny-gqa-bf16");
+    check_model("tests/fixtures/models/tiny-gqa-bf16", None);
+    check_model("tests/fixtures/models/tiny-gqa-bf16", Some(SPLIT_LIMIT));
 }
 
 #[test]
 fn trained_shapes_model_matches_hf_beam_search() {
-    check_model("assets/tiny-shapes");
+    check_model("assets/tiny-shapes", None);
 }
 
 #[test]
