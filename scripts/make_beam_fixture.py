@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Beam-search reference outputs of HF transformers for `tests/beam.rs`.
 
-For the fixture checkpoints `tests/fixtures/models/tiny-mqa-f32` and `tiny-gqa-bf16` (random
-weights; inputs: the `ref/<img>_input_ids.npy` and `ref/<img>_pixel_values.npy` the parity
-fixtures already hold) and the trained `assets/tiny-shapes` (inputs: its own processor on
+For the fixture checkpoints `tests/fixtures/models/tiny-mqa-f32`, `tiny-gqa-bf16` and
+`tiny-pg2-f32` (PaliGemma 2) (random weights; inputs: the `ref/<img>_input_ids.npy` and
+`ref/<img>_pixel_values.npy` the parity fixtures already hold) and the trained `assets/tiny-shapes` (inputs: its own processor on
 `assets/scenes/scene_00N.png`), run
 
     model.generate(..., do_sample=False, num_beams=N, max_new_tokens=20, length_penalty=L,
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 20
 # (num_beams, length_penalty, early_stopping)
 SETTINGS = [(3, 1.0, False), (4, 1.0, False), (3, 0.5, True), (4, 2.0, "never")]
-FIXTURE_MODELS = ["tiny-mqa-f32", "tiny-gqa-bf16"]
+FIXTURE_MODELS = ["tiny-mqa-f32", "tiny-gqa-bf16", "tiny-pg2-f32"]
 FIXTURE_IMAGES = ["astronaut", "chelsea"]
 SHAPES_CASES = [(0, "caption en"), (3, "detect circle"), (5, "answer en how many shapes?")]
 

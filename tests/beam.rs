@@ -1,7 +1,8 @@
 //! Beam search against HF transformers' `generate(num_beams=N, do_sample=False)`: the ids and
 //! `sequences_scores` of `tests/fixtures/beam.json` (made by `scripts/make_beam_fixture.py`)
-//! for two random-weight fixture models and the trained `assets/tiny-shapes`, at 3 and 4 beams
-//! with several length penalties and early-stopping rules.
+//! for three random-weight fixture models (one PaliGemma 2) and the trained
+//! `assets/tiny-shapes`, at 3 and 4 beams with several length penalties and early-stopping
+//! rules.
 
 mod common;
 
@@ -139,6 +140,11 @@ fn mqa_f32_matches_hf_beam_search() {
 fn gqa_bf16_matches_hf_beam_search() {
     check_model("tests/fixtures/models/tiny-gqa-bf16", None);
     check_model("tests/fixtures/models/tiny-gqa-bf16", Some(SPLIT_LIMIT));
+}
+
+#[test]
+fn paligemma2_matches_hf_beam_search() {
+    check_model("tests/fixtures/models/tiny-pg2-f32", None);
 }
 
 #[test]
