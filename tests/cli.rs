@@ -498,6 +498,93 @@ fn bad_images_are_named() {
     }
 }
 
+/// The HF beam-search case of `tests/fixtures/beam.json` for tiny-mqa-f32 on the astronaut.
+fn beam_case(beams: u64, early: &Value) -> Value {
+    let text = std::fs::read_to_string(fixtures().join("beam.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["model"] == "tests/fixtures/models/tiny-mqa-f32"
+                && c["pixels"] == "ref/astronaut_pixel_values.npy"
+                && c["num_beams"] == beams
+                && &c["early_stopping"] == early
+        })
+        .expect("the fixture has the case")
+        .clone()
+}
+
+#[test]
+fn generate_num_beams_matches_hf_beam_search() {
+    let m = model();
+    let img = image("astronaut.png");
+    let base = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--prompt",
+        "caption en",
+        "--max-new-tokens",
+        "20",
+    ];
+    let runs: [(&[&str], Value); 2] = [
+        (&["--num-beams", "3"], beam_case(3, &Value::Bool(false))),
+        (
+            &[
+                "--num-beams",
+                "3",
+                "--length-penalty",
+                "0.5",
+                "--early-stopping",
+            ],
+            beam_case(3, &Value::Bool(true)),
+        ),
+    ];
+    let mut texts = Vec::new();
+    for (extra, want) in runs {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let o = run(&args, &[]);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+        assert_eq!(v["token_ids"], want["ids"], "{extra:?}");
+        let (score, hf) = (
+            v["beam_score"].as_f64().unwrap(),
+            want["score"].as_f64().unwrap(),
+        );
+        assert!(
+            (score - hf).abs() < 1e-3,
+            "{extra:?}: score {score} vs HF {hf}"
+        );
+        texts.push(v["text"].as_str().unwrap().to_string());
+    }
+    // Without --json the answer is printed as text.
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--num-beams", "3"]);
+    let o = run(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("{}\n", texts[0])
+    );
+    assert_fails(
+        &run(&[&base[..], &["--num-beams", "0"]].concat(), &[]),
+        &["--num-beams must be at least 1"],
+    );
+    assert_fails(
+        &run(
+            &[&base[..], &["--num-beams", "2", "--temperature", "0.5"]].concat(),
+            &[],
+        ),
+        &["beam search", "temperature 0, not 0.5"],
+    );
+}
+
 #[test]
 fn bad_requests_are_explained() {
     let m = model();

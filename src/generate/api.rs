@@ -97,12 +97,17 @@ impl PaliGemma {
         self.run_one(request, on_text)
     }
 
-    /// Run one request to the end on its own scheduler.
+    /// Run one request to the end on its own scheduler, or, with more than one beam
+    /// ([`GenerateOptions::num_beams`]), by beam search (its beams decode as one batch; the
+    /// answer comes to `on_text` in one piece when the search ends).
     pub fn run_one(
         &self,
         request: Request,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
+        if request.options.num_beams > 1 {
+            return super::beam::run(self, request, on_text);
+        }
         let opts = SchedulerOptions {
             max_sequences: 1,
             ..Default::default()

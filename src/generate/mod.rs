@@ -3,6 +3,7 @@
 //! and async conveniences on [`crate::model::PaliGemma`] built on it.
 
 mod api;
+mod beam;
 mod sampling;
 mod scheduler;
 mod stop;
@@ -80,6 +81,31 @@ pub struct GenerateOptions {
     /// included) are divided by it when positive and multiplied by it when negative, before
     /// sampling. 1 (the default) is off; values above 1 discourage repetition.
     pub repetition_penalty: f32,
+    /// Beam search: how many beams (1, the default, is off). More than one keeps that many
+    /// candidate answers and returns the best by [`Generation::beam_score`], as HF's
+    /// `generate(num_beams=N, do_sample=False)`; it needs a temperature of 0.
+    pub num_beams: usize,
+    /// Beam search: a finished answer's score is its summed log-probability divided by
+    /// (generated tokens)^`length_penalty` (HF's `length_penalty`, default 1); larger values
+    /// favour longer answers.
+    pub length_penalty: f32,
+    /// Beam search: when to stop (HF's `early_stopping`).
+    pub early_stopping: EarlyStopping,
+}
+
+/// When beam search stops before `max_new_tokens` (HF's `early_stopping`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EarlyStopping {
+    /// HF's `False` (the default): stop once the best running beam, scored at its current
+    /// length, cannot beat the worst of `num_beams` finished answers.
+    #[default]
+    Heuristic,
+    /// HF's `True`: stop as soon as `num_beams` answers have finished.
+    Done,
+    /// HF's `"never"`: as [`EarlyStopping::Heuristic`], but with a positive length penalty the
+    /// running beams are scored at `max_new_tokens`, the best length they could reach.
+    Never,
 }
 
 impl Default for GenerateOptions {
@@ -91,6 +117,9 @@ impl Default for GenerateOptions {
             stop_at_eos: true,
             stop: Vec::new(),
             repetition_penalty: 1.0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
         }
     }
 }
@@ -110,6 +139,38 @@ impl GenerateOptions {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(Error::Request("a stop string is empty".into()));
+        }
+        if self.num_beams == 0 {
+            return Err(Error::Request(
+                "the number of beams must be at least 1 (1 is plain decoding)".into(),
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(Error::Request(format!(
+                "length penalty {} must be a finite number",
+                self.length_penalty
+            )));
+        }
+        if self.num_beams > 1 {
+            let n = self.num_beams;
+            if self.sampling.temperature > 0.0 {
+                return Err(Error::Request(format!(
+                    "beam search ({n} beams) picks the most likely tokens and does not sample: \
+                     it needs temperature 0, not {}",
+                    self.sampling.temperature
+                )));
+            }
+            if self.repetition_penalty != 1.0 {
+                return Err(Error::Request(format!(
+                    "beam search ({n} beams) does not support a repetition penalty ({})",
+                    self.repetition_penalty
+                )));
+            }
+            if !self.stop.is_empty() {
+                return Err(Error::Request(format!(
+                    "beam search ({n} beams) does not support stop strings"
+                )));
+            }
         }
         Ok(())
     }
@@ -190,6 +251,10 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     /// Per-step details.
     pub steps: Vec<Step>,
+    /// Beam search: the answer's score, its summed log-probability divided by (generated
+    /// tokens)^length_penalty (HF's `sequences_scores`); absent without beam search.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beam_score: Option<f32>,
     /// Timings.
     pub timings: Timings,
 }

@@ -215,49 +215,13 @@ impl<'m> Scheduler<'m> {
     /// Queue a request; it is checked now (options, prompt, image size) and an invalid one is
     /// refused with the reason. It joins the running batch at the next step with a free slot.
     pub fn submit(&mut self, request: Request) -> Result<RequestId> {
-        let model = self.model;
-        let Request {
-            image,
-            prompt,
-            options,
-        } = request;
-        options.validate()?;
-        if !options.stop.is_empty() && model.prompts().is_err() {
-            return Err(Error::Request(
-                "stop strings need a model with a tokenizer".into(),
-            ));
-        }
-        let ids = match prompt {
-            Prompt::Text(text) => model.prompts()?.encode(&text)?,
-            Prompt::Ids(ids) => ids,
-        };
-        let config = &model.config;
-        let limit = config.text.max_position_embeddings;
-        if ids.len() + options.max_new_tokens > limit {
+        let (ids, image, options) = prepare(self.model, request)?;
+        if options.num_beams > 1 {
             return Err(Error::Request(format!(
-                "the prompt has {} tokens; with {} new tokens that exceeds the model's {limit} positions",
-                ids.len(),
-                options.max_new_tokens
+                "beam search ({} beams) runs one request on its own, not in a scheduler: \
+                 use PaliGemma::run_one (or generate)",
+                options.num_beams
             )));
-        }
-        let n_img = config.num_image_tokens();
-        if ids.len() <= n_img || ids[..n_img].iter().any(|&i| i != config.image_token_index) {
-            return Err(Error::Request(format!(
-                "the prompt must start with {n_img} image tokens followed by text"
-            )));
-        }
-        model.decoder().check_ids(&ids)?;
-        match &image {
-            ImageInput::Pixels(px) => model.vision_tower().check_pixels(px)?,
-            ImageInput::Features(f) => {
-                let want = [n_img, config.text.hidden_size];
-                if f.tensor.shape() != want {
-                    return Err(Error::Request(format!(
-                        "image features of shape {:?}, the model needs {want:?}",
-                        f.tensor.shape()
-                    )));
-                }
-            }
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -607,6 +571,57 @@ impl<'m> Scheduler<'m> {
         };
         SchedulerEvent::Finished { id, result }
     }
+}
+
+/// Check a request (options, prompt, image size) and tokenize its prompt.
+pub(super) fn prepare(
+    model: &PaliGemma,
+    request: Request,
+) -> Result<(Vec<u32>, ImageInput, GenerateOptions)> {
+    let Request {
+        image,
+        prompt,
+        options,
+    } = request;
+    options.validate()?;
+    if !options.stop.is_empty() && model.prompts().is_err() {
+        return Err(Error::Request(
+            "stop strings need a model with a tokenizer".into(),
+        ));
+    }
+    let ids = match prompt {
+        Prompt::Text(text) => model.prompts()?.encode(&text)?,
+        Prompt::Ids(ids) => ids,
+    };
+    let config = &model.config;
+    let limit = config.text.max_position_embeddings;
+    if ids.len() + options.max_new_tokens > limit {
+        return Err(Error::Request(format!(
+            "the prompt has {} tokens; with {} new tokens that exceeds the model's {limit} positions",
+            ids.len(),
+            options.max_new_tokens
+        )));
+    }
+    let n_img = config.num_image_tokens();
+    if ids.len() <= n_img || ids[..n_img].iter().any(|&i| i != config.image_token_index) {
+        return Err(Error::Request(format!(
+            "the prompt must start with {n_img} image tokens followed by text"
+        )));
+    }
+    model.decoder().check_ids(&ids)?;
+    match &image {
+        ImageInput::Pixels(px) => model.vision_tower().check_pixels(px)?,
+        ImageInput::Features(f) => {
+            let want = [n_img, config.text.hidden_size];
+            if f.tensor.shape() != want {
+                return Err(Error::Request(format!(
+                    "image features of shape {:?}, the model needs {want:?}",
+                    f.tensor.shape()
+                )));
+            }
+        }
+    }
+    Ok((ids, image, options))
 }
 
 impl From<ImageFeatures> for ImageInput {

@@ -490,6 +490,30 @@ impl Gemma {
         })
     }
 
+    /// Record copying the KV cache of `src` (its first `src.len()` positions, every layer)
+    /// into `dst`, which then continues from the same position: beam search forks a prefix
+    /// into several beams this way and reorders beams between steps. Both must hold the same
+    /// prompt length and `dst` at least `src.len()` positions.
+    pub fn record_copy(
+        &self,
+        rec: &mut Recorder,
+        src: &Sequence,
+        dst: &mut Sequence,
+    ) -> Result<()> {
+        if src.prefix_len != dst.prefix_len || src.len > dst.capacity || src.len == 0 {
+            return Err(Error::Request(format!(
+                "KV cache copy of {} positions (prompt {}) into a sequence of capacity {} (prompt {})",
+                src.len, src.prefix_len, dst.capacity, dst.prefix_len
+            )));
+        }
+        for l in 0..self.layers.len() {
+            copy_rows(rec, &src.k_cache[l], 0, &dst.k_cache[l], 0, src.len)?;
+            copy_rows(rec, &src.v_cache[l], 0, &dst.v_cache[l], 0, src.len)?;
+        }
+        dst.len = src.len;
+        Ok(())
+    }
+
     /// Allocate decode-step activations for `size` sequences.
     pub fn batch(&self, gpu: &Gpu, size: usize) -> Result<Batch> {
         if size == 0 {

@@ -1093,6 +1093,7 @@ mod tests {
         };
         let report = BenchReport {
             adapter: "test".into(),
+            device_type: "Cpu".into(),
             models: vec![
                 model(WeightFormat::F16, 1489, [6.88, 15.16]),
                 model(WeightFormat::Int4, 420, [8.11, 14.84]),

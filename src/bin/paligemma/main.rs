@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use paligemma::generate::{
-    GenerateOptions, ImageInput, Prompt, Request, SamplingParams, SchedulerOptions,
+    EarlyStopping, GenerateOptions, ImageInput, Prompt, Request, SamplingParams, SchedulerOptions,
 };
 
 use generate::{answer, BatchJob, PartialFailure, Shard};
@@ -119,6 +119,22 @@ enum Command {
         /// With --json, record the K best log-probabilities of every step.
         #[arg(long, default_value_t = 0, value_name = "K")]
         top_logprobs: usize,
+        /// Beam search with N beams (HF's num_beams; 1 is greedy or sampled decoding). The
+        /// answer is printed when the search ends; --json adds its "beam_score".
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        num_beams: usize,
+        /// Beam search: score finished answers by log-probability / length^F (HF's
+        /// length_penalty; above 0 favours longer answers).
+        #[arg(
+            long,
+            default_value_t = 1.0,
+            value_name = "F",
+            allow_negative_numbers = true
+        )]
+        length_penalty: f32,
+        /// Beam search: stop as soon as N answers have finished (HF's early_stopping=True).
+        #[arg(long)]
+        early_stopping: bool,
         #[command(flatten)]
         tasks: TaskArgs,
     },
@@ -378,7 +394,16 @@ fn run(cli: Cli) -> Result<()> {
             max_batch,
             stop,
             repetition_penalty,
+            num_beams,
+            length_penalty,
+            early_stopping,
         } => {
+            if num_beams == 0 {
+                anyhow::bail!("--num-beams must be at least 1 (1 turns beam search off)");
+            }
+            if num_beams > 1 && batch.is_some() {
+                anyhow::bail!("--num-beams works on single requests, not with --batch");
+            }
             let options = GenerateOptions {
                 max_new_tokens,
                 sampling: SamplingParams {
@@ -391,6 +416,12 @@ fn run(cli: Cli) -> Result<()> {
                 stop_at_eos: true,
                 stop,
                 repetition_penalty,
+                num_beams,
+                length_penalty,
+                early_stopping: match early_stopping {
+                    true => EarlyStopping::Done,
+                    false => EarlyStopping::Heuristic,
+                },
             };
             options.validate()?;
             let scheduler = SchedulerOptions {
