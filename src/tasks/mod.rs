@@ -142,6 +142,33 @@ fn mask_file_name(index: usize, label: &str) -> String {
     }
 }
 
+/// The full-image masks (`width × height`) of `objects`, indexed like them: the `<seg>`
+/// codes of every valid object that has them decoded by `decoder` in one batch and pasted
+/// into its box; `None` for the others.
+pub fn decode_masks(
+    decoder: &MaskDecoder,
+    objects: &[Object],
+    width: u32,
+    height: u32,
+) -> Result<Vec<Option<GrayImage>>> {
+    let with_codes: Vec<usize> = (0..objects.len())
+        .filter(|&i| objects[i].valid && objects[i].seg_codes.is_some())
+        .collect();
+    let mut masks = vec![None; objects.len()];
+    if with_codes.is_empty() {
+        return Ok(masks);
+    }
+    let codes: Vec<[u32; parse::SEG_TOKENS]> = with_codes
+        .iter()
+        .filter_map(|&i| objects[i].seg_codes)
+        .collect();
+    let decoded = decoder.decode(&codes)?;
+    for (&i, m) in with_codes.iter().zip(&decoded) {
+        masks[i] = Some(paste_mask(m, &objects[i].bbox, width, height));
+    }
+    Ok(masks)
+}
+
 /// Parse `answer` for the image at `image_path`, decode the masks of valid objects that have
 /// `<seg>` tokens (with `options.vae`, on the GPU that `gpu` opens only when needed), and
 /// write the annotated image and mask PNGs the options ask for.
@@ -157,33 +184,25 @@ pub fn process_answer(
     let image = decode_image(image_path)?;
     let (width, height) = image.dimensions();
     let objects = parse_answer(answer, width, height);
-    let with_codes: Vec<usize> = (0..objects.len())
-        .filter(|&i| objects[i].valid && objects[i].seg_codes.is_some())
-        .collect();
+    let with_codes = objects
+        .iter()
+        .filter(|o| o.valid && o.seg_codes.is_some())
+        .count();
     let mut masks: Vec<Option<GrayImage>> = vec![None; objects.len()];
-    if !with_codes.is_empty() {
+    if with_codes > 0 {
         match &options.vae {
             Some(vae) => {
                 let decoder = MaskDecoder::load(gpu()?, vae)?;
-                let codes: Vec<[u32; parse::SEG_TOKENS]> = with_codes
-                    .iter()
-                    .filter_map(|&i| objects[i].seg_codes)
-                    .collect();
-                let decoded = decoder.decode(&codes)?;
-                for (&i, m) in with_codes.iter().zip(&decoded) {
-                    masks[i] = Some(paste_mask(m, &objects[i].bbox, width, height));
-                }
+                masks = decode_masks(&decoder, &objects, width, height)?;
             }
             None if options.mask_dir.is_some() => {
                 return Err(Error::Request(format!(
-                    "{} object(s) have <seg> mask tokens; writing their masks needs the mask \
-                     decoder (big_vision's vae-oid.npz)",
-                    with_codes.len()
+                    "{with_codes} object(s) have <seg> mask tokens; writing their masks needs \
+                     the mask decoder (big_vision's vae-oid.npz)"
                 )))
             }
             None if options.annotate.is_some() => log::warn!(
-                "{} object(s) have <seg> mask tokens but no mask decoder was given: masks not drawn",
-                with_codes.len()
+                "{with_codes} object(s) have <seg> mask tokens but no mask decoder was given: masks not drawn"
             ),
             None => {}
         }

@@ -21,7 +21,7 @@ use paligemma::gpu::Gpu;
 use paligemma::model::{
     CancelToken, CheckpointKind, LoadProgress, ModelBuilder, PaliGemma, WeightFormat,
 };
-use paligemma::tasks::{parse_answer, paste_mask, MaskDecoder};
+use paligemma::tasks::{parse_answer, MaskDecoder};
 
 /// What to load.
 #[derive(Debug, Clone)]
@@ -353,24 +353,12 @@ impl Worker {
         height: u32,
     ) -> Result<Vec<Option<GrayImage>>, String> {
         let objects = parse_answer(answer, width, height);
-        let with_codes: Vec<usize> = (0..objects.len())
-            .filter(|&i| objects[i].valid && objects[i].seg_codes.is_some())
-            .collect();
-        let mut masks = vec![None; objects.len()];
-        if with_codes.is_empty() {
-            return Ok(masks);
+        if !objects.iter().any(|o| o.valid && o.seg_codes.is_some()) {
+            return Ok(vec![None; objects.len()]);
         }
         let decoder = self.masks.as_ref().ok_or(
             "the answer has mask tokens: open the mask decoder (vae-oid.npz) to draw them",
         )?;
-        let codes: Vec<_> = with_codes
-            .iter()
-            .map(|&i| objects[i].seg_codes.expect("filtered on seg_codes"))
-            .collect();
-        let decoded = decoder.decode(&codes).map_err(|e| e.to_string())?;
-        for (&i, mask) in with_codes.iter().zip(&decoded) {
-            masks[i] = Some(paste_mask(mask, &objects[i].bbox, width, height));
-        }
-        Ok(masks)
+        paligemma::tasks::decode_masks(decoder, &objects, width, height).map_err(|e| e.to_string())
     }
 }
