@@ -6,17 +6,20 @@
 // One workgroup of 256 threads: each keeps a strided running (best, index) and an online
 // (max, sum) pair, then a tree reduction merges them. out[4 slot..4 slot + 4] = [id, best, m, s]
 // as u32 bits (a decode step writes each sequence's pick into its own slot).
+// `argmax_lse_feed` also writes the id into next_ids[next_row]: the next decode step's input
+// token, so that step can be queued before this one's pick is read back.
 
 struct Params {
     n: u32,
     row: u32,
     slot: u32,
-    _pad: u32,
+    next_row: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<u32>;
+@group(0) @binding(3) var<storage, read_write> next_ids: array<u32>;
 
 const WG: u32 = 256u;
 const LOWEST: f32 = -3.4e38;
@@ -26,8 +29,8 @@ var<workgroup> best_i: array<u32, 256>;
 var<workgroup> run_m: array<f32, 256>;
 var<workgroup> run_s: array<f32, 256>;
 
-@compute @workgroup_size(256, 1, 1)
-fn argmax_lse(@builtin(local_invocation_index) t: u32) {
+// Reduce the row into element 0 of the workgroup arrays.
+fn reduce_row(t: u32) {
     var bv = LOWEST;
     var bi = 0xffffffffu;
     var m = LOWEST;
@@ -67,11 +70,29 @@ fn argmax_lse(@builtin(local_invocation_index) t: u32) {
         }
         workgroupBarrier();
     }
+}
+
+fn store_pick() {
+    let o = 4u * p.slot;
+    out[o] = best_i[0];
+    out[o + 1u] = bitcast<u32>(best_v[0]);
+    out[o + 2u] = bitcast<u32>(run_m[0]);
+    out[o + 3u] = bitcast<u32>(run_s[0]);
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn argmax_lse(@builtin(local_invocation_index) t: u32) {
+    reduce_row(t);
     if (t == 0u) {
-        let o = 4u * p.slot;
-        out[o] = best_i[0];
-        out[o + 1u] = bitcast<u32>(best_v[0]);
-        out[o + 2u] = bitcast<u32>(run_m[0]);
-        out[o + 3u] = bitcast<u32>(run_s[0]);
+        store_pick();
+    }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn argmax_lse_feed(@builtin(local_invocation_index) t: u32) {
+    reduce_row(t);
+    if (t == 0u) {
+        store_pick();
+        next_ids[p.next_row] = best_i[0];
     }
 }

@@ -184,6 +184,56 @@ fn cancelling_frees_the_slot() {
     );
 }
 
+/// Greedy decoding is pipelined: each decode step is one submission queued behind the step
+/// before it, whose picks are read back while it runs; only the last step is waited for with
+/// nothing queued behind it. The answer is the same.
+#[test]
+fn greedy_steps_are_queued_behind_the_previous_one() {
+    let model = load(WeightFormat::F16);
+    let gpu = model.gpu().clone();
+    let options = GenerateOptions {
+        max_new_tokens: 12,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let want = alone(&model, request(&model, 0, &options));
+    let opts = SchedulerOptions {
+        max_sequences: 2,
+        ..Default::default()
+    };
+    let mut scheduler = Scheduler::new(&model, opts).unwrap();
+    scheduler.submit(request(&model, 0, &options)).unwrap();
+    // Vision tower, prefill and the first token; the first decode step is left queued.
+    let events = scheduler.step().unwrap();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, SchedulerEvent::Finished { .. })),
+        "{events:?}"
+    );
+    gpu.reset_submission_stats();
+    let (mut got, mut calls) = (None, 0);
+    while !scheduler.is_idle() {
+        for e in scheduler.step().unwrap() {
+            if let SchedulerEvent::Finished { result, .. } = e {
+                got = Some(result.unwrap());
+            }
+        }
+        calls += 1;
+    }
+    let s = gpu.submission_stats();
+    let got = got.expect("the request finished");
+    assert_eq!(got.token_ids, want.token_ids);
+    assert_eq!(got.finish_reason, FinishReason::Length);
+    // 12 tokens: the prefill's, then 11 decode steps, the first queued by the first call.
+    assert_eq!(calls, 11);
+    assert_eq!(
+        (s.submissions, s.overlapped_waits, s.waits),
+        (10, 10, 1),
+        "{s:?}"
+    );
+}
+
 /// Three prompts about one image encoded once give the answers of three separate runs, and
 /// the vision tower runs once instead of three times.
 #[test]

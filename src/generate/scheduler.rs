@@ -14,7 +14,7 @@ use crate::gpu::{Gpu, Plan, Recorder, Tensor};
 use crate::model::gemma::{Batch, Sequence};
 use crate::model::siglip::VisionActivations;
 use crate::model::PaliGemma;
-use crate::ops::sample::{argmax_logprob, decode_pick};
+use crate::ops::sample::{argmax_logprob, argmax_logprob_feed, decode_pick};
 use crate::processor::image::PixelValues;
 use crate::processor::prompt::TextStream;
 use crate::{Error, Result};
@@ -139,6 +139,25 @@ struct Live {
     finished: Option<FinishReason>,
 }
 
+impl Live {
+    /// Whether its next token is chosen on the GPU (greedy, nothing else needs the logits).
+    fn greedy(&self) -> bool {
+        !self.options.needs_logits()
+    }
+}
+
+/// A greedy decode step submitted and not read back yet: its picks are on their way into
+/// `readback[ring]`, and its argmax kernels have already written them into the batch's input
+/// ids, so that the next step can be queued behind it.
+struct InFlight {
+    /// The request of each row, in order.
+    rows: Vec<RequestId>,
+    /// The readback buffer its picks are copied into.
+    ring: usize,
+    /// Its queue submission.
+    index: wgpu::SubmissionIndex,
+}
+
 /// The steppable continuous-batching scheduler over one loaded model. Use it from one thread
 /// (it borrows the model; share the model with `Arc` and run the scheduler where it steps):
 ///
@@ -170,7 +189,9 @@ pub struct Scheduler<'m> {
     pending: Vec<SchedulerEvent>,
     batch: Option<Batch>,
     picks: Tensor,
-    readback: wgpu::Buffer,
+    /// Two readback buffers: one for the step in flight, one for the step queued behind it.
+    readback: [wgpu::Buffer; 2],
+    in_flight: Option<InFlight>,
     plan: Option<Plan>,
     vision: Option<VisionActivations>,
 }
@@ -186,11 +207,13 @@ impl<'m> Scheduler<'m> {
         let gpu = model.gpu();
         let words = 4 * opts.max_sequences;
         let picks = Tensor::from_u32(gpu, "picks", &[words], &vec![0; words])?;
-        let readback = gpu.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("picks readback"),
-            size: 4 * words as u64,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        let readback = [0, 1].map(|_| {
+            gpu.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("picks readback"),
+                size: 4 * words as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
         Ok(Scheduler {
             model,
@@ -202,6 +225,7 @@ impl<'m> Scheduler<'m> {
             batch: None,
             picks,
             readback,
+            in_flight: None,
             plan: None,
             vision: None,
         })
@@ -236,7 +260,8 @@ impl<'m> Scheduler<'m> {
 
     /// Cancel a queued or running request: its slot is freed at once and the next
     /// [`Scheduler::step`] reports it finished with [`FinishReason::Cancelled`] and what it
-    /// had generated. Returns whether the request was still queued or running.
+    /// had generated (a decode step in flight for it is read back first, which waits for
+    /// that step). Returns whether the request was still queued or running.
     pub fn cancel(&mut self, id: RequestId) -> bool {
         if let Some(at) = self.queue.iter().position(|q| q.id == id) {
             let q = self.queue.remove(at).expect("position is in range");
@@ -250,6 +275,18 @@ impl<'m> Scheduler<'m> {
                 result: Ok(out),
             });
             return true;
+        }
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.rows.contains(&id))
+        {
+            // Keep what the step in flight computed for it (and for the others).
+            let mut events = Vec::new();
+            if let Err(e) = self.resolve_in_flight(&mut events) {
+                self.fail_live(&e, &mut events);
+            }
+            self.pending.extend(events);
         }
         if let Some(at) = self.live.iter().position(|l| l.id == id) {
             let mut live = self.live.remove(at);
@@ -284,8 +321,21 @@ impl<'m> Scheduler<'m> {
     /// (for example its GPU memory cannot be allocated) finishes with its error; a failed
     /// decode step finishes every live request with that error. The call itself fails only
     /// when the first tokens of newly admitted requests cannot be read back.
+    ///
+    /// Greedy steps are pipelined: while the same sequences keep decoding, each call queues
+    /// the next step (its input tokens picked on the GPU by the step before) and only then
+    /// reads back the previous step's picks, so the device is never left idle waiting for the
+    /// host. The events of a step therefore arrive one call after it was queued, and a
+    /// sequence that ends at an end-of-sequence token or a stop string has had one more step
+    /// computed, which is discarded.
     pub fn step(&mut self) -> Result<Vec<SchedulerEvent>> {
         let mut events = std::mem::take(&mut self.pending);
+        if !self.queue.is_empty() && self.live.len() < self.opts.max_sequences {
+            // Admission changes the batch: the step in flight is read back first.
+            if let Err(e) = self.resolve_in_flight(&mut events) {
+                self.fail_live(&e, &mut events);
+            }
+        }
         let mut first = Vec::new();
         while self.live.len() < self.opts.max_sequences {
             let Some(q) = self.queue.pop_front() else {
@@ -314,19 +364,8 @@ impl<'m> Scheduler<'m> {
                 self.push_token(slot, step, &mut events)?;
             }
         }
-        let stepping: Vec<usize> = (0..self.live.len())
-            .filter(|&i| self.live[i].finished.is_none())
-            .collect();
-        if !stepping.is_empty() {
-            if let Err(e) = self.decode(&stepping, &mut events) {
-                for live in self.live.drain(..) {
-                    events.push(SchedulerEvent::Finished {
-                        id: live.id,
-                        result: Err(Error::Gpu(format!("decode step failed: {e}"))),
-                    });
-                }
-                self.plan = None;
-            }
+        if let Err(e) = self.decode(&mut events) {
+            self.fail_live(&e, &mut events);
         }
         let mut i = 0;
         while i < self.live.len() {
@@ -337,7 +376,184 @@ impl<'m> Scheduler<'m> {
                 i += 1;
             }
         }
+        if self.live.is_empty() {
+            self.in_flight = None;
+        }
         Ok(events)
+    }
+
+    /// Finish every live request with the error of a failed decode step.
+    fn fail_live(&mut self, e: &Error, events: &mut Vec<SchedulerEvent>) {
+        for live in self.live.drain(..) {
+            events.push(SchedulerEvent::Finished {
+                id: live.id,
+                result: Err(Error::Gpu(format!("decode step failed: {e}"))),
+            });
+        }
+        self.plan = None;
+        self.in_flight = None;
+    }
+
+    /// The live sequences that take part in the next step, as indices into `live`, and their
+    /// request ids.
+    fn stepping(&self) -> (Vec<usize>, Vec<RequestId>) {
+        (0..self.live.len())
+            .filter(|&i| self.live[i].finished.is_none())
+            .map(|i| (i, self.live[i].id))
+            .unzip()
+    }
+
+    /// One decode step for the live sequences: queued behind the step in flight when that
+    /// step holds the same greedy sequences and none of them reaches its token limit there,
+    /// otherwise after reading the step in flight back, with the input tokens written from
+    /// the host.
+    fn decode(&mut self, events: &mut Vec<SchedulerEvent>) -> Result<()> {
+        let (stepping, ids) = self.stepping();
+        let feed = self.in_flight.as_ref().is_some_and(|f| {
+            f.rows == ids
+                && stepping.iter().all(|&i| {
+                    let l = &self.live[i];
+                    l.greedy() && l.out.token_ids.len() + 2 <= l.options.max_new_tokens
+                })
+        });
+        if feed {
+            let previous = self.in_flight.take().expect("checked above");
+            let ring = 1 - previous.ring;
+            let index = self.submit_step(&stepping, ring, true)?;
+            self.in_flight = Some(InFlight {
+                rows: ids,
+                ring,
+                index,
+            });
+            return self.resolve(previous, true, events);
+        }
+        self.resolve_in_flight(events)?;
+        let (stepping, ids) = self.stepping();
+        if stepping.is_empty() {
+            return Ok(());
+        }
+        let ring = 0;
+        let index = self.submit_step(&stepping, ring, false)?;
+        if stepping.iter().all(|&i| self.live[i].greedy()) {
+            self.in_flight = Some(InFlight {
+                rows: ids,
+                ring,
+                index,
+            });
+            return Ok(());
+        }
+        let gpu = &**self.model.gpu();
+        let bytes = 16 * stepping.len() as u64;
+        let picks: Vec<u32> = bytemuck::pod_collect_to_vec(&gpu.map_read_after(
+            &self.readback[ring],
+            bytes,
+            Some((index, false)),
+        )?);
+        let batch = self.batch.as_ref().expect("submit_step allocates it");
+        let mut steps = Vec::with_capacity(stepping.len());
+        for (row, &i) in stepping.iter().enumerate() {
+            let live = &mut self.live[i];
+            steps.push(match live.greedy() {
+                false => {
+                    let mut logits = batch.logits().read_rows(gpu, row, 1)?;
+                    let history = [live.prompt_ids.as_slice(), &live.out.token_ids];
+                    host_choice(&live.options, &history, &mut live.sampler, &mut logits)
+                }
+                true => pick_step(row, &picks),
+            });
+        }
+        for (step, &i) in steps.into_iter().zip(&stepping) {
+            self.push_token(i, step, events)?;
+        }
+        Ok(())
+    }
+
+    /// Record and submit one decode step for the live sequences `stepping` (rows of the batch
+    /// in that order), with their picks copied into `readback[ring]`. `fed`: the input tokens
+    /// are the previous step's picks, already in the batch's ids; otherwise each sequence
+    /// feeds the token it generated last, written from the host.
+    fn submit_step(
+        &mut self,
+        stepping: &[usize],
+        ring: usize,
+        fed: bool,
+    ) -> Result<wgpu::SubmissionIndex> {
+        let model = self.model;
+        let gpu = &**model.gpu();
+        let text = model.decoder();
+        if self.batch.is_none() {
+            self.batch = Some(text.batch(gpu, self.opts.max_sequences)?);
+        }
+        let batch = self.batch.as_ref().expect("allocated above");
+        let ids: Vec<u32> = stepping
+            .iter()
+            .map(|&i| {
+                *self.live[i]
+                    .out
+                    .token_ids
+                    .last()
+                    .expect("admission made one")
+            })
+            .collect();
+        let greedy: Vec<bool> = stepping.iter().map(|&i| self.live[i].greedy()).collect();
+        let mut rec = Recorder::new(gpu);
+        let mut seqs: Vec<&mut Sequence> = self
+            .live
+            .iter_mut()
+            .filter(|l| l.finished.is_none())
+            .map(|l| &mut l.seq)
+            .collect();
+        match fed {
+            true => text.record_step_fed(&mut rec, batch, &mut seqs)?,
+            false => text.record_step(&mut rec, batch, &mut seqs, &ids)?,
+        }
+        for (row, &greedy) in greedy.iter().enumerate() {
+            if greedy {
+                let (logits, ids) = (batch.logits(), batch.ids());
+                argmax_logprob_feed(&mut rec, logits, row, &self.picks, row, ids, row)?;
+            }
+        }
+        rec.finish_into(&mut self.plan)?;
+        let plan = self.plan.as_ref().expect("finish_into sets the plan");
+        let bytes = 16 * stepping.len() as u64;
+        let readback = &self.readback[ring];
+        Ok(plan.submit_with(gpu, |encoder| {
+            encoder.copy_buffer_to_buffer(self.picks.buffer(), 0, readback, 0, bytes)
+        }))
+    }
+
+    /// Read back the step in flight, if any, and give its tokens to the sequences still
+    /// live.
+    fn resolve_in_flight(&mut self, events: &mut Vec<SchedulerEvent>) -> Result<()> {
+        match self.in_flight.take() {
+            Some(f) => self.resolve(f, false, events),
+            None => Ok(()),
+        }
+    }
+
+    /// Read back the picks of step `f` (`later_queued`: another step is queued behind it) and
+    /// push each row's token to its sequence, skipping requests that finished or were
+    /// cancelled meanwhile.
+    fn resolve(
+        &mut self,
+        f: InFlight,
+        later_queued: bool,
+        events: &mut Vec<SchedulerEvent>,
+    ) -> Result<()> {
+        let gpu = &**self.model.gpu();
+        let bytes = 16 * f.rows.len() as u64;
+        let raw =
+            gpu.map_read_after(&self.readback[f.ring], bytes, Some((f.index, later_queued)))?;
+        let picks: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
+        for (row, id) in f.rows.iter().enumerate() {
+            let Some(i) = self.live.iter().position(|l| l.id == *id) else {
+                continue;
+            };
+            if self.live[i].finished.is_none() {
+                self.push_token(i, pick_step(row, &picks), events)?;
+            }
+        }
+        Ok(())
     }
 
     /// Run the vision tower (unless the request brings features) and the prefill of a
@@ -414,75 +630,12 @@ impl<'m> Scheduler<'m> {
         })
     }
 
-    /// One decode step for the live sequences `stepping` (rows of the batch in that order).
-    fn decode(&mut self, stepping: &[usize], events: &mut Vec<SchedulerEvent>) -> Result<()> {
-        let model = self.model;
-        let gpu = &**model.gpu();
-        let text = model.decoder();
-        if self.batch.is_none() {
-            self.batch = Some(text.batch(gpu, self.opts.max_sequences)?);
-        }
-        let batch = self.batch.as_ref().expect("allocated above");
-        // Each stepping sequence feeds the token it generated last.
-        let ids: Vec<u32> = stepping
-            .iter()
-            .map(|&i| {
-                *self.live[i]
-                    .out
-                    .token_ids
-                    .last()
-                    .expect("admission made one")
-            })
-            .collect();
-        let mut rec = Recorder::new(gpu);
-        let mut seqs: Vec<&mut Sequence> = self
-            .live
-            .iter_mut()
-            .filter(|l| l.finished.is_none())
-            .map(|l| &mut l.seq)
-            .collect();
-        text.record_step(&mut rec, batch, &mut seqs, &ids)?;
-        for (row, &i) in stepping.iter().enumerate() {
-            if !self.live[i].options.needs_logits() {
-                argmax_logprob(&mut rec, batch.logits(), row, &self.picks, row)?;
-            }
-        }
-        rec.finish_into(&mut self.plan)?;
-        let plan = self.plan.as_ref().expect("finish_into sets the plan");
-        let bytes = 16 * stepping.len() as u64;
-        plan.submit_with(gpu, |encoder| {
-            encoder.copy_buffer_to_buffer(self.picks.buffer(), 0, &self.readback, 0, bytes)
-        });
-        let picks = self.map_readback(bytes)?;
-        let mut steps = Vec::with_capacity(stepping.len());
-        for (row, &i) in stepping.iter().enumerate() {
-            let live = &mut self.live[i];
-            steps.push(match live.options.needs_logits() {
-                true => {
-                    let mut logits = batch.logits().read_rows(gpu, row, 1)?;
-                    let history = [live.prompt_ids.as_slice(), &live.out.token_ids];
-                    host_choice(&live.options, &history, &mut live.sampler, &mut logits)
-                }
-                false => pick_step(row, &picks),
-            });
-        }
-        for (step, &i) in steps.into_iter().zip(stepping) {
-            self.push_token(i, step, events)?;
-        }
-        Ok(())
-    }
-
     /// Copy the first `slots` picks to the host (after a prefill).
     fn read_picks(&self, slots: usize) -> Result<Vec<u32>> {
         let gpu = &**self.model.gpu();
-        let bytes = gpu.read_through(self.picks.buffer(), 0, 16 * slots as u64, &self.readback)?;
+        let bytes =
+            gpu.read_through(self.picks.buffer(), 0, 16 * slots as u64, &self.readback[0])?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
-    }
-
-    /// Map the first `bytes` of the readback buffer after the submission that fills it.
-    fn map_readback(&self, bytes: u64) -> Result<Vec<u32>> {
-        let words = self.model.gpu().map_read(&self.readback, bytes)?;
-        Ok(bytemuck::pod_collect_to_vec(&words))
     }
 
     /// Record `step` as live sequence `i`'s next token: stream its text, check the stop

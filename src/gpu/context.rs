@@ -452,7 +452,23 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")));
-        self.submissions.count_wait(start.elapsed());
+        self.submissions.count_wait(start.elapsed(), false);
+        done
+    }
+
+    /// Block until submission `index` is done (later submissions may still run), counted as
+    /// an overlapped wait when `later_queued`.
+    fn wait_for(&self, index: wgpu::SubmissionIndex, later_queued: bool) -> Result<()> {
+        let start = std::time::Instant::now();
+        let done = self
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")));
+        self.submissions.count_wait(start.elapsed(), later_queued);
         done
     }
 
@@ -525,13 +541,36 @@ impl Gpu {
     /// Wait for the submitted work, then map the first `len` bytes of the mappable `staging`
     /// buffer and copy them out (the buffer is unmapped again).
     pub(crate) fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        self.map_read_after(staging, len, None)
+    }
+
+    /// [`Gpu::map_read`] that waits only for submission `after.0` (`after.1`: whether later
+    /// submissions are already queued, so that the device keeps working meanwhile), or for
+    /// all submitted work when `after` is `None`.
+    pub(crate) fn map_read_after(
+        &self,
+        staging: &wgpu::Buffer,
+        len: u64,
+        after: Option<(wgpu::SubmissionIndex, bool)>,
+    ) -> Result<Vec<u8>> {
         let slice = staging.slice(..len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait()?;
-        rx.recv()
+        let mapped = match after {
+            Some((index, later_queued)) => {
+                self.wait_for(index, later_queued)?;
+                // The mapping resolves once every submission using the buffer is done; should
+                // a later one still hold it, wait for everything.
+                match rx.try_recv() {
+                    Ok(r) => Ok(r),
+                    Err(_) => self.wait().map(|()| rx.recv())?,
+                }
+            }
+            None => self.wait().map(|()| rx.recv())?,
+        };
+        mapped
             .map_err(|_| Error::Gpu("readback callback never ran".into()))?
             .map_err(|e| Error::Gpu(format!("mapping a readback buffer: {e}")))?;
         let data = slice

@@ -321,8 +321,11 @@ pub struct SubmissionStats {
     pub dispatches: u64,
     /// The most dispatches one submission carried.
     pub max_dispatches: u64,
-    /// Blocking waits for the device.
+    /// Blocking waits for the device that left it with nothing queued.
     pub waits: u64,
+    /// Blocking waits for a submission while a later one was already queued (a pipelined
+    /// decode step waiting for the previous step's picks): the device kept working.
+    pub overlapped_waits: u64,
     /// Seconds the host spent blocked in those waits.
     pub wait_s: f64,
     /// The longest a plan took from submission to completion ([`Plan::run`]), seconds.
@@ -336,6 +339,7 @@ pub(crate) struct SubmissionCounters {
     dispatches: AtomicU64,
     max_dispatches: AtomicU64,
     waits: AtomicU64,
+    overlapped_waits: AtomicU64,
     wait_ns: AtomicU64,
     longest_run_ns: AtomicU64,
 }
@@ -354,8 +358,12 @@ impl SubmissionCounters {
         self.longest_run_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_wait(&self, took: std::time::Duration) {
-        self.waits.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count_wait(&self, took: std::time::Duration, overlapped: bool) {
+        match overlapped {
+            true => &self.overlapped_waits,
+            false => &self.waits,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.wait_ns.fetch_add(ns, Ordering::Relaxed);
     }
@@ -366,6 +374,7 @@ impl SubmissionCounters {
             dispatches: self.dispatches.load(Ordering::Relaxed),
             max_dispatches: self.max_dispatches.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
+            overlapped_waits: self.overlapped_waits.load(Ordering::Relaxed),
             wait_s: self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9,
             longest_run_s: self.longest_run_ns.load(Ordering::Relaxed) as f64 * 1e-9,
         }
@@ -377,6 +386,7 @@ impl SubmissionCounters {
             &self.dispatches,
             &self.max_dispatches,
             &self.waits,
+            &self.overlapped_waits,
             &self.wait_ns,
             &self.longest_run_ns,
         ] {

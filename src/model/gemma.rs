@@ -25,7 +25,7 @@ use crate::ops::elementwise::{add_rows, copy_rows};
 use crate::ops::embed::embed;
 use crate::ops::linear::{linear, LinearOpts};
 use crate::ops::norm::{rms_norm, NormOpts};
-use crate::ops::rope::{rope, RopeTable};
+use crate::ops::rope::{rope_qk, RopeQk, RopeTable};
 use crate::ops::softcap::softcap;
 use crate::ops::{Act, Combine};
 use crate::{Error, Result};
@@ -173,6 +173,13 @@ impl Batch {
     pub fn logits(&self) -> &Tensor {
         &self.step.logits
     }
+
+    /// The input tokens of a step, u32 `[size]`: written by [`Gemma::record_step`], or left
+    /// on the GPU by the previous step's greedy picks for [`Gemma::record_step_fed`] (see
+    /// [`crate::ops::sample::argmax_logprob_feed`]).
+    pub fn ids(&self) -> &Tensor {
+        &self.step.ids
+    }
 }
 
 impl Sequence {
@@ -282,8 +289,18 @@ impl DecoderLayer {
         };
         rms_norm(rec, &a.x, self.norms.input(), &a.h, eps, norm)?;
         linear(rec, &a.h, &self.q, None, &a.q, outputs)?;
-        match (&a.kv_new, spans) {
-            (Some((k_new, v_new)), _) => {
+        match (spans, &a.kv_new) {
+            // One sequence (a prefill, or a decode step of one): keys and values go straight
+            // into its cache rows.
+            ([s], _) => {
+                let into_cache = LinearOpts {
+                    out_row: s.seq.len,
+                    ..plain
+                };
+                linear(rec, &a.h, &self.k, None, &s.seq.k_cache[l], into_cache)?;
+                linear(rec, &a.h, &self.v, None, &s.seq.v_cache[l], into_cache)?;
+            }
+            (_, Some((k_new, v_new))) => {
                 linear(rec, &a.h, &self.k, None, k_new, plain)?;
                 linear(rec, &a.h, &self.v, None, v_new, plain)?;
                 for s in spans {
@@ -292,15 +309,7 @@ impl DecoderLayer {
                     copy_rows(rec, v_new, s.row, vc, s.seq.len, s.rows)?;
                 }
             }
-            (None, [s]) => {
-                let into_cache = LinearOpts {
-                    out_row: s.seq.len,
-                    ..plain
-                };
-                linear(rec, &a.h, &self.k, None, &s.seq.k_cache[l], into_cache)?;
-                linear(rec, &a.h, &self.v, None, &s.seq.v_cache[l], into_cache)?;
-            }
-            (None, _) => {
+            (_, None) => {
                 return Err(Error::kernel(
                     "decoder attention",
                     "several sequences need a key/value staging buffer",
@@ -309,24 +318,15 @@ impl DecoderLayer {
         }
         for s in spans {
             let (kc, vc, pos) = (&s.seq.k_cache[l], &s.seq.v_cache[l], s.seq.len);
-            rope(
-                rec,
-                &a.q,
-                cfg.num_attention_heads,
-                s.row + from,
-                s.rows - from,
-                pos + from,
-                &s.seq.rope,
-            )?;
-            rope(
-                rec,
-                kc,
-                cfg.num_key_value_heads,
-                pos,
-                s.rows,
-                pos,
-                &s.seq.rope,
-            )?;
+            let at = RopeQk {
+                rows: s.rows,
+                pos0: pos,
+                k_row0: pos,
+                q_from: from,
+                q_row0: s.row + from,
+            };
+            let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+            rope_qk(rec, &a.q, heads, kc, kv_heads, at, &s.seq.rope)?;
             let opts = AttnOpts {
                 q_rows: s.rows - from,
                 q_row0: s.row + from,
@@ -619,11 +619,41 @@ impl Gemma {
         seqs: &mut [&mut Sequence],
         ids: &[u32],
     ) -> Result<()> {
-        let n = seqs.len();
-        if n == 0 || n != ids.len() || n > batch.size() {
+        if seqs.len() != ids.len() {
             return Err(Error::Request(format!(
-                "decode step for {n} sequences with {} ids on a batch of {}",
-                ids.len(),
+                "decode step for {} sequences with {} ids",
+                seqs.len(),
+                ids.len()
+            )));
+        }
+        self.check_ids(ids)?;
+        self.record_step_inner(rec, batch, seqs, Some(ids))
+    }
+
+    /// [`Gemma::record_step`] whose input tokens are already in [`Batch::ids`] on the GPU,
+    /// written there by the previous step's [`crate::ops::sample::argmax_logprob_feed`] for
+    /// the same sequences in the same rows: the step can be submitted before the previous
+    /// one's picks are read back.
+    pub fn record_step_fed(
+        &self,
+        rec: &mut Recorder,
+        batch: &Batch,
+        seqs: &mut [&mut Sequence],
+    ) -> Result<()> {
+        self.record_step_inner(rec, batch, seqs, None)
+    }
+
+    fn record_step_inner(
+        &self,
+        rec: &mut Recorder,
+        batch: &Batch,
+        seqs: &mut [&mut Sequence],
+        ids: Option<&[u32]>,
+    ) -> Result<()> {
+        let n = seqs.len();
+        if n == 0 || n > batch.size() {
+            return Err(Error::Request(format!(
+                "decode step for {n} sequences on a batch of {}",
                 batch.size()
             )));
         }
@@ -635,11 +665,12 @@ impl Gemma {
                 )));
             }
         }
-        self.check_ids(ids)?;
         let a = &batch.step;
-        rec.gpu()
-            .queue
-            .write_buffer(a.ids.buffer(), 0, bytemuck::cast_slice(ids));
+        if let Some(ids) = ids {
+            rec.gpu()
+                .queue
+                .write_buffer(a.ids.buffer(), 0, bytemuck::cast_slice(ids));
+        }
         let scale = (self.cfg.hidden_size as f32).sqrt();
         embed(rec, &self.embed, &a.ids, &a.x, 0, scale, Combine::Store)?;
         let spans: Vec<Span> = seqs

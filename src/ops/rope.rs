@@ -161,6 +161,107 @@ pub fn rope(
     Ok(())
 }
 
+/// What [`rope_qk`] rotates: `rows` positions from `pos0`, their key rows from `k_row0` of the
+/// key tensor and, for the rows from `q_from` on, their query rows from `q_row0`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeQk {
+    /// Positions (key rows) to rotate.
+    pub rows: usize,
+    /// Position of the first row.
+    pub pos0: usize,
+    /// Key row of the first position.
+    pub k_row0: usize,
+    /// The first of the `rows` that also has a query (0: all of them).
+    pub q_from: usize,
+    /// Query row of position `pos0 + q_from`.
+    pub q_row0: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct QkParams {
+    n: u32,
+    q_from: u32,
+    q_row0: u32,
+    k_row0: u32,
+    pos0: u32,
+    q_heads: u32,
+    k_heads: u32,
+    head_dim: u32,
+    half: u32,
+    q_stride: u32,
+    k_stride: u32,
+    pad: u32,
+}
+
+/// Record the rotary embedding of queries and keys of the same positions in one dispatch, as
+/// [`rope`] on `q` (rows `q_row0..`, positions from `pos0 + q_from`) and on `k` (rows
+/// `k_row0..k_row0 + rows`, positions from `pos0`): a decoder layer's new queries and the
+/// key rows it just wrote into its cache.
+pub fn rope_qk(
+    rec: &mut Recorder,
+    q: &Tensor,
+    q_heads: usize,
+    k: &Tensor,
+    k_heads: usize,
+    at: RopeQk,
+    table: &RopeTable,
+) -> Result<()> {
+    const K: &str = "rope_qk";
+    let d = table.head_dim();
+    let q_rows = at.rows.saturating_sub(at.q_from);
+    for (x, heads, row0, rows) in [
+        (q, q_heads, at.q_row0, q_rows),
+        (k, k_heads, at.k_row0, at.rows),
+    ] {
+        check(x.dtype() == DType::F32, K, || {
+            format!("{} must be f32", x.name())
+        })?;
+        check(heads > 0 && x.cols() == heads * d, K, || {
+            format!(
+                "{} has {} columns, {heads} heads of {d} need {}",
+                x.name(),
+                x.cols(),
+                heads * d
+            )
+        })?;
+        check(rows > 0 && row0 + rows <= x.rows(), K, || {
+            format!("rows {row0}..{} outside {}", row0 + rows, x.name())
+        })?;
+    }
+    check(at.pos0 + at.rows <= table.max_pos(), K, || {
+        format!(
+            "positions {}..{} exceed the rope table's {} positions",
+            at.pos0,
+            at.pos0 + at.rows,
+            table.max_pos()
+        )
+    })?;
+    let params = QkParams {
+        n: u32_arg(K, "rows", at.rows)?,
+        q_from: u32_arg(K, "q_from", at.q_from)?,
+        q_row0: u32_arg(K, "q_row0", at.q_row0)?,
+        k_row0: u32_arg(K, "k_row0", at.k_row0)?,
+        pos0: u32_arg(K, "pos0", at.pos0)?,
+        q_heads: u32_arg(K, "q heads", q_heads)?,
+        k_heads: u32_arg(K, "k heads", k_heads)?,
+        head_dim: u32_arg(K, "head_dim", d)?,
+        half: u32_arg(K, "head_dim", d / 2)?,
+        q_stride: u32_arg(K, "q cols", q.cols())?,
+        k_stride: u32_arg(K, "k cols", k.cols())?,
+        pad: 0,
+    };
+    let workgroups = rec.grid(params.n);
+    let key = KernelKey::new("rope", "rope_qk");
+    rec.dispatch(
+        &key,
+        &params,
+        &[table.tensor().buffer(), q.buffer(), k.buffer()],
+        workgroups,
+    )?;
+    Ok(())
+}
+
 /// CPU reference of [`rope`] on a row-major slice of `cols`-wide rows: rotates the first
 /// `heads·head_dim` columns of rows `row0..row0 + rows`, row `row0 + j` at position `pos0 + j`,
 /// with the same f32 table values as [`RopeTable`].
@@ -283,6 +384,111 @@ mod tests {
         // Chunk of rows in the middle of a larger buffer, at a different position.
         run_case(50, 4, 64, 17, 9, 300);
         run_case(600, 2, 128, 256, 300, 1000);
+    }
+
+    /// Queries and keys rotated in one dispatch equal two [`rope`] references, including a
+    /// prefill's last layer (queries for the last rows only) and a decode row in a cache.
+    #[test]
+    fn queries_and_keys_together_match_reference() {
+        let gpu = gpu_with_limit(None);
+        let theta = 10000.0;
+        // (q rows, q heads, k rows, k heads, d, at)
+        let cases = [
+            (
+                4,
+                8,
+                64,
+                1,
+                256,
+                RopeQk {
+                    rows: 1,
+                    pos0: 40,
+                    k_row0: 40,
+                    q_from: 0,
+                    q_row0: 2,
+                },
+            ),
+            (
+                9,
+                4,
+                30,
+                2,
+                64,
+                RopeQk {
+                    rows: 9,
+                    pos0: 0,
+                    k_row0: 0,
+                    q_from: 0,
+                    q_row0: 0,
+                },
+            ),
+            (
+                9,
+                3,
+                20,
+                1,
+                72,
+                RopeQk {
+                    rows: 9,
+                    pos0: 5,
+                    k_row0: 5,
+                    q_from: 6,
+                    q_row0: 6,
+                },
+            ),
+        ];
+        for (qr, qh, kr, kh, d, at) in cases {
+            let table = RopeTable::new(&gpu, at.pos0 + at.rows + 2, d, theta).unwrap();
+            let q = rand_vec(qr * qh * d, 2.0, 5);
+            let k = rand_vec(kr * kh * d, 2.0, 6);
+            let qt = Tensor::from_f32(&gpu, "q", &[qr, qh * d], &q).unwrap();
+            let kt = Tensor::from_f32(&gpu, "k", &[kr, kh * d], &k).unwrap();
+            let mut rec = Recorder::new(&gpu);
+            rope_qk(&mut rec, &qt, qh, &kt, kh, at, &table).unwrap();
+            assert_eq!(rec.len(), 1);
+            rec.run().unwrap();
+            let (mut wq, mut wk) = (q.clone(), k.clone());
+            let q_rows = at.rows - at.q_from;
+            rope_ref(
+                &mut wq,
+                qh * d,
+                qh,
+                d,
+                at.q_row0,
+                q_rows,
+                at.pos0 + at.q_from,
+                theta,
+            );
+            rope_ref(&mut wk, kh * d, kh, d, at.k_row0, at.rows, at.pos0, theta);
+            let what = format!("rope_qk {at:?}");
+            assert_close(&qt.read(&gpu).unwrap(), &wq, 1e-6, &what);
+            assert_close(&kt.read(&gpu).unwrap(), &wk, 1e-6, &what);
+        }
+        let (qt, kt) = (
+            Tensor::zeros(&gpu, "q", &[2, 64]).unwrap(),
+            Tensor::zeros(&gpu, "k", &[4, 32]).unwrap(),
+        );
+        let table = RopeTable::new(&gpu, 8, 32, theta).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        let at = RopeQk {
+            rows: 4,
+            pos0: 0,
+            k_row0: 0,
+            q_from: 1,
+            q_row0: 0,
+        };
+        let err = rope_qk(&mut rec, &qt, 2, &kt, 1, at, &table).unwrap_err();
+        assert!(err.to_string().contains("rows 0..3 outside q"), "{err}");
+        let at = RopeQk {
+            rows: 4,
+            pos0: 6,
+            k_row0: 0,
+            q_from: 3,
+            q_row0: 0,
+        };
+        let err = rope_qk(&mut rec, &qt, 2, &kt, 1, at, &table).unwrap_err();
+        assert!(err.to_string().contains("exceed"), "{err}");
+        assert!(rec.is_empty());
     }
 
     #[test]

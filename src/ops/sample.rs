@@ -11,7 +11,7 @@ struct Params {
     n: u32,
     row: u32,
     slot: u32,
-    pad: u32,
+    next_row: u32,
 }
 
 /// Record the greedy pick over row `row` of `logits` (f32 `[rows, vocab]`) into slot `slot`
@@ -24,6 +24,32 @@ pub fn argmax_logprob(
     out: &Tensor,
     slot: usize,
 ) -> Result<()> {
+    record_pick(rec, logits, row, out, slot, None)
+}
+
+/// [`argmax_logprob`] that also writes the chosen id into element `next_row` of `next_ids`
+/// (a U32 tensor): the input token of the next decode step, which can then be queued before
+/// this pick is read back.
+pub fn argmax_logprob_feed(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    row: usize,
+    out: &Tensor,
+    slot: usize,
+    next_ids: &Tensor,
+    next_row: usize,
+) -> Result<()> {
+    record_pick(rec, logits, row, out, slot, Some((next_ids, next_row)))
+}
+
+fn record_pick(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    row: usize,
+    out: &Tensor,
+    slot: usize,
+    feed: Option<(&Tensor, usize)>,
+) -> Result<()> {
     const K: &str = "argmax_logprob";
     check(
         logits.dtype() == DType::F32 && row < logits.rows(),
@@ -35,14 +61,35 @@ pub fn argmax_logprob(
         K,
         || format!("{} must be u32 with room for slot {slot}", out.name()),
     )?;
+    if let Some((ids, next_row)) = feed {
+        check(
+            ids.dtype() == DType::U32 && next_row < ids.numel() && ids.buffer() != out.buffer(),
+            K,
+            || {
+                format!(
+                    "{} must be a separate u32 tensor with element {next_row}",
+                    ids.name()
+                )
+            },
+        )?;
+    }
     let params = Params {
         n: u32_arg(K, "vocab", logits.cols())?,
         row: u32_arg(K, "row", row)?,
         slot: u32_arg(K, "slot", slot)?,
-        pad: 0,
+        next_row: u32_arg(K, "next row", feed.map_or(0, |f| f.1))?,
     };
-    let key = KernelKey::new("sample", "argmax_lse");
-    rec.dispatch(&key, &params, &[logits.buffer(), out.buffer()], [1, 1, 1])?;
+    match feed {
+        None => {
+            let key = KernelKey::new("sample", "argmax_lse");
+            rec.dispatch(&key, &params, &[logits.buffer(), out.buffer()], [1, 1, 1])?;
+        }
+        Some((ids, _)) => {
+            let key = KernelKey::new("sample", "argmax_lse_feed");
+            let buffers = [logits.buffer(), out.buffer(), ids.buffer()];
+            rec.dispatch(&key, &params, &buffers, [1, 1, 1])?;
+        }
+    }
     Ok(())
 }
 
@@ -103,6 +150,27 @@ mod tests {
         case(&rand_vec(257_216, 30.0, 5), 1, 0);
         case(&rand_vec(3 * 1000, 5.0, 6), 3, 2);
         case(&rand_vec(7, 1.0, 7), 1, 0);
+    }
+
+    #[test]
+    fn feed_writes_the_next_input_token() {
+        let gpu = gpu_with_limit(None);
+        let logits = rand_vec(2 * 5000, 8.0, 9);
+        let t = Tensor::from_f32(&gpu, "logits", &[2, 5000], &logits).unwrap();
+        let out = Tensor::from_u32(&gpu, "pick", &[8], &[0; 8]).unwrap();
+        let ids = Tensor::from_u32(&gpu, "ids", &[3], &[7, 7, 7]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        argmax_logprob_feed(&mut rec, &t, 1, &out, 1, &ids, 2).unwrap();
+        rec.run().unwrap();
+        let (want, _) = argmax_logprob_ref(&logits[5000..]);
+        assert_eq!(read_pick(&gpu, &out, 1).unwrap().0, want);
+        let fed: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&gpu.read_bytes(ids.buffer(), 0, 12).unwrap());
+        assert_eq!(fed, [7, 7, want]);
+        let mut rec = Recorder::new(&gpu);
+        let err = argmax_logprob_feed(&mut rec, &t, 0, &out, 0, &ids, 3).unwrap_err();
+        assert!(err.to_string().contains("element 3"), "{err}");
+        assert!(argmax_logprob_feed(&mut rec, &t, 0, &out, 0, &out, 0).is_err());
     }
 
     #[test]

@@ -318,8 +318,11 @@ pub struct StepCounts {
     pub dispatches_per_step: f64,
     /// Queue submissions per decode step.
     pub submissions_per_step: f64,
-    /// Blocking waits per decode step.
+    /// Blocking waits per decode step that left the device with nothing queued.
     pub waits_per_step: f64,
+    /// Blocking waits per decode step for the previous step's picks while this step was
+    /// already queued (pipelined greedy decoding: the device keeps working).
+    pub overlapped_waits_per_step: f64,
     /// Host time per decode step outside those waits (recording, encoding, submitting,
     /// reading the picks, the scheduler's own work), milliseconds.
     pub host_ms_per_step: f64,
@@ -624,6 +627,7 @@ fn step_counts(
         dispatches_per_step: per(all.dispatches, one.dispatches),
         submissions_per_step: per(all.submissions, one.submissions),
         waits_per_step: per(all.waits, one.waits),
+        overlapped_waits_per_step: per(all.overlapped_waits, one.overlapped_waits),
         host_ms_per_step: 1e3 * host_s / steps as f64,
         wait_ms_per_step: 1e3 * wait_s / steps as f64,
         longest_submission_s: all.longest_run_s,
@@ -899,8 +903,11 @@ impl BenchReport {
             );
             row(
                 &mut s,
-                "  submissions / blocking waits",
-                format!("{:.1} / {:.1}", c.submissions_per_step, c.waits_per_step),
+                "  submissions / idle / overlapped waits",
+                format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    c.submissions_per_step, c.waits_per_step, c.overlapped_waits_per_step
+                ),
                 None,
             );
             row(
