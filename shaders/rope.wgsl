@@ -9,11 +9,12 @@
 // taking i = t, t + 64, ... for every head: no per-thread integer division, which SIMD CPUs
 // (lavapipe) scalarise.
 //
-// `rope_qk` rotates the queries and the keys of the same positions in one dispatch (a decoder
-// layer's q activations and its KV cache rows): row r in 0 .. n is at position pos0 + r; its
-// key row is k_row0 + r of `k` (k_heads heads); rows r >= q_from also have a query row
-// q_row0 + (r - q_from) of `q` (q_heads heads); rows below q_from (a prefill's last layer,
-// which needs queries for its last row only) rotate the key alone.
+// `rope_qkv` takes a decoder layer's fused q|k|v projection rows `qkv` (stride qkv_stride:
+// q_heads query heads, then kv_heads key heads, then kv_heads value heads) and in one dispatch
+// writes the rotated keys and the values into the KV cache rows `kc` / `vc` and the rotated
+// queries into `q`: row r in 0 .. n is qkv row qkv_row0 + r at position pos0 + r, cache row
+// cache_row0 + r; rows r >= q_from also write query row q_row0 + (r - q_from) (rows below
+// q_from, a prefill's last layer, which needs its last query only, write keys and values).
 
 struct Params {
     n: u32,
@@ -55,49 +56,30 @@ fn rope(
     }
 }
 
-struct QkParams {
+
+struct QkvParams {
     n: u32,
     q_from: u32,
+    qkv_row0: u32,
     q_row0: u32,
-    k_row0: u32,
+    cache_row0: u32,
     pos0: u32,
     q_heads: u32,
-    k_heads: u32,
+    kv_heads: u32,
     head_dim: u32,
     half: u32,
-    q_stride: u32,
-    k_stride: u32,
+    qkv_stride: u32,
     _pad: u32,
 }
 
-@group(0) @binding(0) var<uniform> pq: QkParams;
-@group(0) @binding(2) var<storage, read_write> q: array<f32>;
-@group(0) @binding(3) var<storage, read_write> k: array<f32>;
-
-// Rotate `heads` heads of the row starting at `rb` of `v` (q or k) by the angles at `tb`.
-fn rotate_heads(tb: u32, rb: u32, heads: u32, t: u32, is_q: bool) {
-    for (var i = t; i < pq.half; i += 64u) {
-        let c = table[tb + i];
-        let s = table[tb + pq.half + i];
-        for (var h = 0u; h < heads; h++) {
-            let b = rb + h * pq.head_dim + i;
-            if (is_q) {
-                let x1 = q[b];
-                let x2 = q[b + pq.half];
-                q[b] = x1 * c - x2 * s;
-                q[b + pq.half] = x2 * c + x1 * s;
-            } else {
-                let x1 = k[b];
-                let x2 = k[b + pq.half];
-                k[b] = x1 * c - x2 * s;
-                k[b + pq.half] = x2 * c + x1 * s;
-            }
-        }
-    }
-}
+@group(0) @binding(0) var<uniform> pq: QkvParams;
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;
+@group(0) @binding(3) var<storage, read_write> q: array<f32>;
+@group(0) @binding(4) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> vc: array<f32>;
 
 @compute @workgroup_size(64, 1, 1)
-fn rope_qk(
+fn rope_qkv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
@@ -106,9 +88,35 @@ fn rope_qk(
     if (r >= pq.n) {
         return;
     }
-    let tb = (pq.pos0 + r) * pq.head_dim;
-    rotate_heads(tb, (pq.k_row0 + r) * pq.k_stride, pq.k_heads, t, false);
-    if (r >= pq.q_from) {
-        rotate_heads(tb, (pq.q_row0 + r - pq.q_from) * pq.q_stride, pq.q_heads, t, true);
+    let d = pq.head_dim;
+    let qd = pq.q_heads * d;
+    let kvd = pq.kv_heads * d;
+    let src = (pq.qkv_row0 + r) * pq.qkv_stride;
+    let dst = (pq.cache_row0 + r) * kvd;
+    let tb = (pq.pos0 + r) * d;
+    let with_q = r >= pq.q_from;
+    let qb = (pq.q_row0 + r - min(r, pq.q_from)) * qd;
+    for (var i = t; i < pq.half; i += 64u) {
+        let c = table[tb + i];
+        let s = table[tb + pq.half + i];
+        for (var h = 0u; h < pq.kv_heads; h++) {
+            let a = src + qd + h * d + i;
+            let x1 = qkv[a];
+            let x2 = qkv[a + pq.half];
+            kc[dst + h * d + i] = x1 * c - x2 * s;
+            kc[dst + h * d + i + pq.half] = x2 * c + x1 * s;
+        }
+        if (with_q) {
+            for (var h = 0u; h < pq.q_heads; h++) {
+                let a = src + h * d + i;
+                let x1 = qkv[a];
+                let x2 = qkv[a + pq.half];
+                q[qb + h * d + i] = x1 * c - x2 * s;
+                q[qb + h * d + i + pq.half] = x2 * c + x1 * s;
+            }
+        }
+    }
+    for (var j = t; j < kvd; j += 64u) {
+        vc[dst + j] = qkv[src + qd + kvd + j];
     }
 }

@@ -25,16 +25,17 @@ use crate::ops::elementwise::{add_rows, copy_rows};
 use crate::ops::embed::embed;
 use crate::ops::linear::{linear, LinearOpts};
 use crate::ops::norm::{rms_norm, NormOpts};
-use crate::ops::rope::{rope_qk, RopeQk, RopeTable};
+use crate::ops::rope::{rope_qkv, QkvRows, RopeTable};
 use crate::ops::softcap::softcap;
 use crate::ops::{Act, Combine};
 use crate::{Error, Result};
 
 const PREFIX: &str = "language_model.model.";
 
-/// Largest number of rows the MLP processes at once; bounds the `[rows, intermediate]`
-/// activation so that long prompts (896 px images: 4096+ tokens) fit in one binding.
-const MLP_BLOCK_ROWS: usize = 512;
+/// Largest number of rows the MLP and the fused q/k/v projection process at once; bounds the
+/// `[rows, intermediate]` and `[rows, q + k + v]` activations so that long prompts (896 px
+/// images: 4096+ tokens) fit in one binding.
+const BLOCK_ROWS: usize = 512;
 
 /// The norms of one decoder layer, which is what tells Gemma 1 and Gemma 2 layers apart.
 enum LayerNorms {
@@ -68,9 +69,8 @@ impl LayerNorms {
 /// One decoder layer's weights.
 pub struct DecoderLayer {
     norms: LayerNorms,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// `q_proj`, `k_proj` and `v_proj` stacked: `[q + k + v, hidden]`, one launch.
+    qkv: Tensor,
     o: Tensor,
     gate: Tensor,
     up: Tensor,
@@ -91,18 +91,19 @@ pub struct Gemma {
 /// step).
 struct Acts {
     rows: usize,
-    mlp_rows: usize,
+    /// Rows of the `gate` and `qkv` blocks.
+    block_rows: usize,
     ids: Tensor,
     x: Tensor,
     h: Tensor,
     q: Tensor,
+    /// The fused projection of a block of rows `[block_rows, q + k + v]`, from which the
+    /// rotated queries go to `q` and the keys and values into each sequence's cache.
+    qkv: Tensor,
     attn: Tensor,
     gate: Tensor,
     /// Gemma 2: attention / MLP output before its norm `[rows, hidden]`.
     branch: Option<Tensor>,
-    /// Decode steps: the new keys and values `[rows, kv_dim]`, copied into each sequence's
-    /// cache row. A prefill (one sequence) writes them straight into its cache.
-    kv_new: Option<(Tensor, Tensor)>,
     /// The final-normed hidden states of the rows the LM head reads `[.., hidden]`.
     last: Tensor,
     /// Their logits `[.., vocab]`.
@@ -225,11 +226,15 @@ impl DecoderLayer {
                 pre_mlp: post_attention,
             }
         };
+        let (q, k, v) = (
+            n("self_attn.q_proj.weight"),
+            n("self_attn.k_proj.weight"),
+            n("self_attn.v_proj.weight"),
+        );
+        let parts: [(&str, &[usize]); 3] = [(&q, &[qd, h]), (&k, &[kvd, h]), (&v, &[kvd, h])];
         Ok(DecoderLayer {
             norms,
-            q: ck.matrix(gpu, &n("self_attn.q_proj.weight"), &[qd, h])?,
-            k: ck.matrix(gpu, &n("self_attn.k_proj.weight"), &[kvd, h])?,
-            v: ck.matrix(gpu, &n("self_attn.v_proj.weight"), &[kvd, h])?,
+            qkv: ck.matrix_cat(gpu, &n("self_attn.qkv_proj.weight"), &parts)?,
             o: ck.matrix(gpu, &n("self_attn.o_proj.weight"), &[h, qd])?,
             gate: ck.matrix(gpu, &n("mlp.gate_proj.weight"), &[i, h])?,
             up: ck.matrix(gpu, &n("mlp.up_proj.weight"), &[i, h])?,
@@ -237,15 +242,15 @@ impl DecoderLayer {
         })
     }
 
-    /// `x += Attn(norm(x))` on the rows of `spans`: q/k/v projections of all rows, RoPE, the
-    /// new keys and values into each sequence's cache at its position, attention under the
-    /// prefix-LM mask, the output projection and the residual add (Gemma 2 normalises the
-    /// attention output first).
+    /// `x += Attn(norm(x))` on the rows of `spans`: the fused q/k/v projection of all rows
+    /// (in blocks), RoPE, the new keys and values into each sequence's cache at its position,
+    /// attention under the prefix-LM mask, the output projection and the residual add (Gemma 2
+    /// normalises the attention output first).
     ///
     /// `from`: the first row whose output is needed (0, or the last prompt row in the final
     /// layer of a one-sequence prefill, where only that row feeds the LM head): keys and
-    /// values are computed for every row, queries, attention and the output projection for
-    /// rows `from..` only.
+    /// values are kept for every row, queries, attention and the output projection for rows
+    /// `from..` only.
     #[allow(clippy::too_many_arguments)]
     fn record_attention(
         &self,
@@ -268,10 +273,6 @@ impl DecoderLayer {
                 ),
             ));
         }
-        let plain = LinearOpts {
-            rows: Some(rows),
-            ..Default::default()
-        };
         let outputs = LinearOpts {
             x_row: from,
             out_row: from,
@@ -288,45 +289,36 @@ impl DecoderLayer {
             rows: Some(rows - from),
         };
         rms_norm(rec, &a.x, self.norms.input(), &a.h, eps, norm)?;
-        linear(rec, &a.h, &self.q, None, &a.q, outputs)?;
-        match (spans, &a.kv_new) {
-            // One sequence (a prefill, or a decode step of one): keys and values go straight
-            // into its cache rows.
-            ([s], _) => {
-                let into_cache = LinearOpts {
-                    out_row: s.seq.len,
-                    ..plain
-                };
-                linear(rec, &a.h, &self.k, None, &s.seq.k_cache[l], into_cache)?;
-                linear(rec, &a.h, &self.v, None, &s.seq.v_cache[l], into_cache)?;
-            }
-            (_, Some((k_new, v_new))) => {
-                linear(rec, &a.h, &self.k, None, k_new, plain)?;
-                linear(rec, &a.h, &self.v, None, v_new, plain)?;
-                for s in spans {
-                    let (kc, vc) = (&s.seq.k_cache[l], &s.seq.v_cache[l]);
-                    copy_rows(rec, k_new, s.row, kc, s.seq.len, s.rows)?;
-                    copy_rows(rec, v_new, s.row, vc, s.seq.len, s.rows)?;
+        for r0 in (0..rows).step_by(a.block_rows) {
+            let r1 = (r0 + a.block_rows).min(rows);
+            let block = LinearOpts {
+                x_row: r0,
+                rows: Some(r1 - r0),
+                ..Default::default()
+            };
+            linear(rec, &a.h, &self.qkv, None, &a.qkv, block)?;
+            for s in spans {
+                let (lo, hi) = (s.row.max(r0), (s.row + s.rows).min(r1));
+                if lo >= hi {
+                    continue;
                 }
-            }
-            (_, None) => {
-                return Err(Error::kernel(
-                    "decoder attention",
-                    "several sequences need a key/value staging buffer",
-                ))
+                let pos = s.seq.len + lo - s.row;
+                let q_from = (s.row + from).clamp(lo, hi) - lo;
+                let at = QkvRows {
+                    rows: hi - lo,
+                    pos0: pos,
+                    qkv_row0: lo - r0,
+                    cache_row0: pos,
+                    q_from,
+                    q_row0: lo + q_from,
+                };
+                let (kc, vc) = (&s.seq.k_cache[l], &s.seq.v_cache[l]);
+                let heads = cfg.num_attention_heads;
+                rope_qkv(rec, &a.qkv, &a.q, kc, vc, heads, at, &s.seq.rope)?;
             }
         }
         for s in spans {
             let (kc, vc, pos) = (&s.seq.k_cache[l], &s.seq.v_cache[l], s.seq.len);
-            let at = RopeQk {
-                rows: s.rows,
-                pos0: pos,
-                k_row0: pos,
-                q_from: from,
-                q_row0: s.row + from,
-            };
-            let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-            rope_qk(rec, &a.q, heads, kc, kv_heads, at, &s.seq.rope)?;
             let opts = AttnOpts {
                 q_rows: s.rows - from,
                 q_row0: s.row + from,
@@ -353,7 +345,7 @@ impl DecoderLayer {
         }
     }
 
-    /// `x += MLP(norm(x))` on the rows `rows` of `a`, in blocks of at most `a.mlp_rows` rows
+    /// `x += MLP(norm(x))` on the rows `rows` of `a`, in blocks of at most `a.block_rows` rows
     /// (Gemma 2 normalises the MLP output before the residual add).
     fn record_mlp(&self, rec: &mut Recorder, eps: f32, a: &Acts, rows: Range<usize>) -> Result<()> {
         let norm = NormOpts {
@@ -366,8 +358,8 @@ impl DecoderLayer {
             Some(branch) => (branch, Combine::Store),
             None => (&a.x, Combine::Add),
         };
-        for r0 in rows.clone().step_by(a.mlp_rows) {
-            let n = a.mlp_rows.min(rows.end - r0);
+        for r0 in rows.clone().step_by(a.block_rows) {
+            let n = a.block_rows.min(rows.end - r0);
             let block = |act, combine, x_row, out_row| LinearOpts {
                 act,
                 combine,
@@ -420,39 +412,25 @@ impl Gemma {
         self.layers.len()
     }
 
-    /// Activations for `rows` positions whose LM head reads `head_rows` rows; decode steps
-    /// (`staged`) get key/value staging rows.
-    fn acts(
-        &self,
-        gpu: &Gpu,
-        rows: usize,
-        head_rows: usize,
-        staged: bool,
-        tag: &str,
-    ) -> Result<Acts> {
+    /// Activations for `rows` positions whose LM head reads `head_rows` rows.
+    fn acts(&self, gpu: &Gpu, rows: usize, head_rows: usize, tag: &str) -> Result<Acts> {
         let c = &self.cfg;
         let qd = c.num_attention_heads * c.head_dim;
         let kvd = c.num_key_value_heads * c.head_dim;
-        let mlp_rows = rows.min(MLP_BLOCK_ROWS);
+        let block_rows = rows.min(BLOCK_ROWS);
         let t = |s: &str| format!("{tag}.{s}");
         Ok(Acts {
             rows,
-            mlp_rows,
+            block_rows,
             ids: Tensor::from_u32(gpu, &t("ids"), &[rows], &vec![0; rows])?,
             x: Tensor::zeros(gpu, &t("x"), &[rows, c.hidden_size])?,
             h: Tensor::zeros(gpu, &t("h"), &[rows, c.hidden_size])?,
             q: Tensor::zeros(gpu, &t("q"), &[rows, qd])?,
+            qkv: Tensor::zeros(gpu, &t("qkv"), &[block_rows, qd + 2 * kvd])?,
             attn: Tensor::zeros(gpu, &t("attn"), &[rows, qd])?,
-            gate: Tensor::zeros(gpu, &t("gate"), &[mlp_rows, c.intermediate_size])?,
+            gate: Tensor::zeros(gpu, &t("gate"), &[block_rows, c.intermediate_size])?,
             branch: match c.is_gemma2() {
                 true => Some(Tensor::zeros(gpu, &t("branch"), &[rows, c.hidden_size])?),
-                false => None,
-            },
-            kv_new: match staged {
-                true => Some((
-                    Tensor::zeros(gpu, &t("k"), &[rows, kvd])?,
-                    Tensor::zeros(gpu, &t("v"), &[rows, kvd])?,
-                )),
                 false => None,
             },
             last: Tensor::zeros(gpu, &t("last"), &[head_rows, c.hidden_size])?,
@@ -520,7 +498,7 @@ impl Gemma {
             return Err(Error::Request("a batch needs at least one sequence".into()));
         }
         Ok(Batch {
-            step: self.acts(gpu, size, size, true, "step")?,
+            step: self.acts(gpu, size, size, "step")?,
         })
     }
 
@@ -548,7 +526,7 @@ impl Gemma {
             )));
         }
         self.check_ids(ids)?;
-        let acts = self.acts(gpu, ids.len(), 1, false, "prefill")?;
+        let acts = self.acts(gpu, ids.len(), 1, "prefill")?;
         gpu.queue
             .write_buffer(acts.ids.buffer(), 0, bytemuck::cast_slice(ids));
         Ok(Prefill {

@@ -233,6 +233,40 @@ fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
 
+/// The weights one matrix is made of, their rows one after the other (see
+/// [`Checkpoint::matrix_cat`]).
+struct Parts<'a> {
+    names: Vec<&'a str>,
+    shapes: Vec<&'a [usize]>,
+    /// The first row of each part in the matrix, and the total at the end.
+    starts: Vec<usize>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Parts<'a> {
+    /// `parts` is not empty, every shape has at least two dimensions and the same columns.
+    fn new(parts: &[(&'a str, &'a [usize])]) -> Self {
+        let mut starts = vec![0];
+        for (_, shape) in parts {
+            starts.push(starts[starts.len() - 1] + shape[0]);
+        }
+        Parts {
+            names: parts.iter().map(|p| p.0).collect(),
+            shapes: parts.iter().map(|p| p.1).collect(),
+            rows: starts[parts.len()],
+            starts,
+            cols: parts[0].1[1..].iter().product(),
+        }
+    }
+
+    /// The part holding matrix row `r`, and the row within it.
+    fn locate(&self, r: usize) -> (usize, usize) {
+        let p = self.starts.partition_point(|&s| s <= r) - 1;
+        (p, r - self.starts[p])
+    }
+}
+
 impl Checkpoint {
     /// Open `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -630,70 +664,106 @@ impl Checkpoint {
     /// checkpoint's weight format (see [`Checkpoint::set_weight_format`]), except the
     /// tensors [`quantizable`] keeps in f16.
     pub fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.matrix_cat(gpu, name, &[(name, shape)])
+    }
+
+    /// Load several weights of the same width as one matrix named `label`, the rows of
+    /// `parts[0]` first, then those of `parts[1]`, and so on (a decoder layer's q, k and v
+    /// projections become one launch). Each part is loaded and checked as
+    /// [`Checkpoint::matrix`] loads it (its LoRA update included); all must share one
+    /// storage format.
+    pub fn matrix_cat(&self, gpu: &Gpu, label: &str, parts: &[(&str, &[usize])]) -> Result<Tensor> {
         self.check_cancel()?;
-        if !quantizable(name, shape) {
-            return self.matrix_as(gpu, name, shape, WeightFormat::F16);
+        let Some(&(first, first_shape)) = parts.first() else {
+            return Err(Error::tensor(label, "is made of no weights"));
+        };
+        let keep = !quantizable(first, first_shape);
+        let cols = |shape: &[usize]| shape[1..].iter().product::<usize>();
+        for &(name, shape) in parts {
+            if shape.len() < 2 || cols(shape) != cols(first_shape) {
+                return Err(Error::tensor(
+                    name,
+                    format!("of shape {shape:?} cannot join {first} {first_shape:?} in {label}"),
+                ));
+            }
+            if quantizable(name, shape) == keep {
+                return Err(Error::tensor(
+                    name,
+                    format!("is stored in another format than {first}, so it cannot join {label}"),
+                ));
+            }
+        }
+        let parts = Parts::new(parts);
+        if keep {
+            return self.matrix_as(gpu, label, &parts, WeightFormat::F16);
         }
         match self.stored {
-            Some(stored) if stored == self.format => self.packed_matrix(gpu, name, shape, stored),
+            Some(stored) if stored == self.format => self.packed_matrix(gpu, label, &parts, stored),
             Some(stored) => Err(Error::tensor(
-                name,
+                first,
                 format!(
                     "is stored as {stored} (written by paligemma quantize) and loads only as \
                      {stored}, not as {}",
                     self.format
                 ),
             )),
-            None => self.matrix_as(gpu, name, shape, self.format),
+            None => self.matrix_as(gpu, label, &parts, self.format),
         }
     }
 
     fn matrix_as(
         &self,
         gpu: &Gpu,
-        name: &str,
-        shape: &[usize],
+        label: &str,
+        parts: &Parts,
         format: WeightFormat,
     ) -> Result<Tensor> {
-        let rows = shape[0];
-        let cols: usize = shape[1..].iter().product();
+        let (rows, cols) = (parts.rows, parts.cols);
         let dims = [rows, cols];
         if let Some(seed) = self.synthetic {
             let scale = (cols as f32).powf(-0.5);
             let row = |r: usize, dst: &mut [f32]| {
-                self.before_row(name, None, r, cols * 4)?;
-                let mut v = SyntheticValues::new(name, seed, r);
+                let (p, lr) = parts.locate(r);
+                self.before_row(parts.names[p], None, lr, cols * 4)?;
+                let mut v = SyntheticValues::new(parts.names[p], seed, lr);
                 dst.iter_mut().for_each(|d| *d = v.next(scale));
                 Ok(())
             };
             return match format {
-                WeightFormat::F16 => Tensor::weight_f16(gpu, name, &dims, |r, dst| {
-                    self.before_row(name, None, r, cols * 2)?;
-                    let mut v = SyntheticValues::new(name, seed, r);
+                WeightFormat::F16 => Tensor::weight_f16(gpu, label, &dims, |r, dst| {
+                    let (p, lr) = parts.locate(r);
+                    self.before_row(parts.names[p], None, lr, cols * 2)?;
+                    let mut v = SyntheticValues::new(parts.names[p], seed, lr);
                     dst.iter_mut()
                         .for_each(|d| *d = f16::from_f32(v.next(scale)));
                     Ok(())
                 }),
-                _ => Tensor::weight_quantized(gpu, name, &dims, format.dtype(), row),
+                _ => Tensor::weight_quantized(gpu, label, &dims, format.dtype(), row),
             };
         }
-        let e = self.entry(name, shape)?;
-        let elem = if e.dtype == Dtype::F32 { 4 } else { 2 };
-        let data = self.bytes(e);
-        let lora = self.lora.get(name);
-        let row_f32 = |r: usize, dst: &mut [f32]| self.row_f32(e, lora, r, dst);
+        let entries = parts
+            .names
+            .iter()
+            .zip(&parts.shapes)
+            .map(|(name, shape)| self.entry(name, shape))
+            .collect::<Result<Vec<_>>>()?;
+        let loras: Vec<_> = parts.names.iter().map(|n| self.lora.get(*n)).collect();
+        let elem = |e: &Entry| if e.dtype == Dtype::F32 { 4 } else { 2 };
         let t = match format {
             WeightFormat::F16 => {
-                let mut row = vec![0.0f32; if lora.is_some() { cols } else { 0 }];
-                Tensor::weight_f16(gpu, name, &dims, |r, dst| {
-                    self.before_row(name, Some(e), r, cols * elem)?;
+                let mut row = vec![0.0f32; cols];
+                Tensor::weight_f16(gpu, label, &dims, |r, dst| {
+                    let (p, lr) = parts.locate(r);
+                    let (e, lora) = (entries[p], loras[p]);
+                    let elem = elem(e);
+                    self.before_row(parts.names[p], Some(e), lr, cols * elem)?;
                     match lora {
                         None => {
-                            let src = &data[r * cols * elem..(r + 1) * cols * elem];
+                            let src = &self.bytes(e)[lr * cols * elem..(lr + 1) * cols * elem];
                             Self::convert(e.dtype, src, dst, f16::from_f32, |h| h);
                         }
                         Some(_) => {
-                            row_f32(r, &mut row);
+                            self.row_f32(e, lora, lr, &mut row);
                             for (o, w) in dst.iter_mut().zip(&row) {
                                 *o = f16::from_f32(*w);
                             }
@@ -702,14 +772,18 @@ impl Checkpoint {
                     Ok(())
                 })?
             }
-            _ => Tensor::weight_quantized(gpu, name, &dims, format.dtype(), |r, dst| {
-                self.before_row(name, Some(e), r, cols * elem)?;
-                row_f32(r, dst);
+            _ => Tensor::weight_quantized(gpu, label, &dims, format.dtype(), |r, dst| {
+                let (p, lr) = parts.locate(r);
+                let e = entries[p];
+                self.before_row(parts.names[p], Some(e), lr, cols * elem(e))?;
+                self.row_f32(e, loras[p], lr, dst);
                 Ok(())
             })?,
         };
-        self.advance(name, (e.end - e.start) as u64);
-        self.release(e, e.start, e.end);
+        for (name, e) in parts.names.iter().zip(&entries) {
+            self.advance(name, (e.end - e.start) as u64);
+            self.release(e, e.start, e.end);
+        }
         Ok(t)
     }
 

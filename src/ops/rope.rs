@@ -161,17 +161,20 @@ pub fn rope(
     Ok(())
 }
 
-/// What [`rope_qk`] rotates: `rows` positions from `pos0`, their key rows from `k_row0` of the
-/// key tensor and, for the rows from `q_from` on, their query rows from `q_row0`.
+/// Where [`rope_qkv`] reads and writes: `rows` positions from `pos0`, read from rows
+/// `qkv_row0..` of the fused projection, written into the cache rows from `cache_row0` and, for
+/// the rows from `q_from` on, into the query rows from `q_row0`.
 #[derive(Debug, Clone, Copy)]
-pub struct RopeQk {
-    /// Positions (key rows) to rotate.
+pub struct QkvRows {
+    /// Positions to write.
     pub rows: usize,
     /// Position of the first row.
     pub pos0: usize,
-    /// Key row of the first position.
-    pub k_row0: usize,
-    /// The first of the `rows` that also has a query (0: all of them).
+    /// Row of the first position in the fused projection.
+    pub qkv_row0: usize,
+    /// Cache row of the first position.
+    pub cache_row0: usize,
+    /// The first of the `rows` whose query is needed (0: all of them).
     pub q_from: usize,
     /// Query row of position `pos0 + q_from`.
     pub q_row0: usize,
@@ -179,53 +182,76 @@ pub struct RopeQk {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct QkParams {
+struct QkvParams {
     n: u32,
     q_from: u32,
+    qkv_row0: u32,
     q_row0: u32,
-    k_row0: u32,
+    cache_row0: u32,
     pos0: u32,
     q_heads: u32,
-    k_heads: u32,
+    kv_heads: u32,
     head_dim: u32,
     half: u32,
-    q_stride: u32,
-    k_stride: u32,
+    qkv_stride: u32,
     pad: u32,
 }
 
-/// Record the rotary embedding of queries and keys of the same positions in one dispatch, as
-/// [`rope`] on `q` (rows `q_row0..`, positions from `pos0 + q_from`) and on `k` (rows
-/// `k_row0..k_row0 + rows`, positions from `pos0`): a decoder layer's new queries and the
-/// key rows it just wrote into its cache.
-pub fn rope_qk(
+/// Record, in one dispatch, what follows a decoder layer's fused q|k|v projection: `qkv` is
+/// f32 `[.., (q_heads + 2·kv_heads)·head_dim]` (queries, keys, values); the keys rotated as
+/// [`rope`] does go to `k_cache`, the values as they are to `v_cache` (both f32
+/// `[.., kv_heads·head_dim]`), and the rotated queries to `q` (f32 `[.., q_heads·head_dim]`),
+/// at the rows `at` gives.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv(
     rec: &mut Recorder,
+    qkv: &Tensor,
     q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
     q_heads: usize,
-    k: &Tensor,
-    k_heads: usize,
-    at: RopeQk,
+    at: QkvRows,
     table: &RopeTable,
 ) -> Result<()> {
-    const K: &str = "rope_qk";
+    const K: &str = "rope_qkv";
     let d = table.head_dim();
+    let kvd = k_cache.cols();
+    let kv_heads = kvd / d.max(1);
     let q_rows = at.rows.saturating_sub(at.q_from);
-    for (x, heads, row0, rows) in [
-        (q, q_heads, at.q_row0, q_rows),
-        (k, k_heads, at.k_row0, at.rows),
-    ] {
+    check(
+        q_heads > 0 && kv_heads > 0 && kvd == kv_heads * d && v_cache.cols() == kvd,
+        K,
+        || {
+            format!(
+                "caches of {kvd} and {} columns for heads of {d}",
+                v_cache.cols()
+            )
+        },
+    )?;
+    check(qkv.cols() == q_heads * d + 2 * kvd, K, || {
+        format!(
+            "{} has {} columns, {q_heads} query and {kv_heads}+{kv_heads} key/value heads of \
+             {d} need {}",
+            qkv.name(),
+            qkv.cols(),
+            q_heads * d + 2 * kvd
+        )
+    })?;
+    check(q.cols() == q_heads * d, K, || {
+        format!("{} has {} columns, not {}", q.name(), q.cols(), q_heads * d)
+    })?;
+    let ranges = [
+        (qkv, at.qkv_row0, at.rows),
+        (q, at.q_row0, q_rows),
+        (k_cache, at.cache_row0, at.rows),
+        (v_cache, at.cache_row0, at.rows),
+    ];
+    for (i, (x, row0, rows)) in ranges.into_iter().enumerate() {
         check(x.dtype() == DType::F32, K, || {
             format!("{} must be f32", x.name())
         })?;
-        check(heads > 0 && x.cols() == heads * d, K, || {
-            format!(
-                "{} has {} columns, {heads} heads of {d} need {}",
-                x.name(),
-                x.cols(),
-                heads * d
-            )
-        })?;
-        check(rows > 0 && row0 + rows <= x.rows(), K, || {
+        // Only the queries may be empty (a block of a prefill's last layer before its last row).
+        check((rows > 0 || i == 1) && row0 + rows <= x.rows(), K, || {
             format!("rows {row0}..{} outside {}", row0 + rows, x.name())
         })?;
     }
@@ -237,28 +263,30 @@ pub fn rope_qk(
             table.max_pos()
         )
     })?;
-    let params = QkParams {
+    let params = QkvParams {
         n: u32_arg(K, "rows", at.rows)?,
         q_from: u32_arg(K, "q_from", at.q_from)?,
+        qkv_row0: u32_arg(K, "qkv_row0", at.qkv_row0)?,
         q_row0: u32_arg(K, "q_row0", at.q_row0)?,
-        k_row0: u32_arg(K, "k_row0", at.k_row0)?,
+        cache_row0: u32_arg(K, "cache_row0", at.cache_row0)?,
         pos0: u32_arg(K, "pos0", at.pos0)?,
         q_heads: u32_arg(K, "q heads", q_heads)?,
-        k_heads: u32_arg(K, "k heads", k_heads)?,
+        kv_heads: u32_arg(K, "kv heads", kv_heads)?,
         head_dim: u32_arg(K, "head_dim", d)?,
         half: u32_arg(K, "head_dim", d / 2)?,
-        q_stride: u32_arg(K, "q cols", q.cols())?,
-        k_stride: u32_arg(K, "k cols", k.cols())?,
+        qkv_stride: u32_arg(K, "qkv cols", qkv.cols())?,
         pad: 0,
     };
     let workgroups = rec.grid(params.n);
-    let key = KernelKey::new("rope", "rope_qk");
-    rec.dispatch(
-        &key,
-        &params,
-        &[table.tensor().buffer(), q.buffer(), k.buffer()],
-        workgroups,
-    )?;
+    let key = KernelKey::new("rope", "rope_qkv");
+    let buffers = [
+        table.tensor().buffer(),
+        qkv.buffer(),
+        q.buffer(),
+        k_cache.buffer(),
+        v_cache.buffer(),
+    ];
+    rec.dispatch(&key, &params, &buffers, workgroups)?;
     Ok(())
 }
 
@@ -386,108 +414,111 @@ mod tests {
         run_case(600, 2, 128, 256, 300, 1000);
     }
 
-    /// Queries and keys rotated in one dispatch equal two [`rope`] references, including a
-    /// prefill's last layer (queries for the last rows only) and a decode row in a cache.
+    /// The fused projection's queries and keys rotated and its values copied, in one
+    /// dispatch, equal [`rope_ref`] and plain copies: a decode row written into a cache, a
+    /// prefill, and a prefill's last layer (queries for the last rows only).
     #[test]
-    fn queries_and_keys_together_match_reference() {
+    fn fused_qkv_rows_match_reference() {
         let gpu = gpu_with_limit(None);
         let theta = 10000.0;
-        // (q rows, q heads, k rows, k heads, d, at)
+        // (qkv rows, q heads, kv heads, d, cache rows, q rows, at)
+        let at = |rows, pos0, qkv_row0, cache_row0, q_from, q_row0| QkvRows {
+            rows,
+            pos0,
+            qkv_row0,
+            cache_row0,
+            q_from,
+            q_row0,
+        };
         let cases = [
-            (
-                4,
-                8,
-                64,
-                1,
-                256,
-                RopeQk {
-                    rows: 1,
-                    pos0: 40,
-                    k_row0: 40,
-                    q_from: 0,
-                    q_row0: 2,
-                },
-            ),
-            (
-                9,
-                4,
-                30,
-                2,
-                64,
-                RopeQk {
-                    rows: 9,
-                    pos0: 0,
-                    k_row0: 0,
-                    q_from: 0,
-                    q_row0: 0,
-                },
-            ),
-            (
-                9,
-                3,
-                20,
-                1,
-                72,
-                RopeQk {
-                    rows: 9,
-                    pos0: 5,
-                    k_row0: 5,
-                    q_from: 6,
-                    q_row0: 6,
-                },
-            ),
+            (4, 8, 1, 256, 64, 4, at(1, 40, 2, 40, 0, 2)),
+            (9, 4, 2, 64, 30, 9, at(9, 0, 0, 0, 0, 0)),
+            (9, 3, 1, 72, 20, 9, at(9, 5, 0, 5, 6, 6)),
         ];
-        for (qr, qh, kr, kh, d, at) in cases {
+        for (rows, qh, kh, d, cache_rows, q_rows, at) in cases {
+            let (qd, kvd) = (qh * d, kh * d);
+            let w = qd + 2 * kvd;
             let table = RopeTable::new(&gpu, at.pos0 + at.rows + 2, d, theta).unwrap();
-            let q = rand_vec(qr * qh * d, 2.0, 5);
-            let k = rand_vec(kr * kh * d, 2.0, 6);
-            let qt = Tensor::from_f32(&gpu, "q", &[qr, qh * d], &q).unwrap();
-            let kt = Tensor::from_f32(&gpu, "k", &[kr, kh * d], &k).unwrap();
+            let x = rand_vec(rows * w, 2.0, 5);
+            let qkv = Tensor::from_f32(&gpu, "qkv", &[rows, w], &x).unwrap();
+            let q = Tensor::zeros(&gpu, "q", &[q_rows, qd]).unwrap();
+            let kc = Tensor::zeros(&gpu, "k", &[cache_rows, kvd]).unwrap();
+            let vc = Tensor::zeros(&gpu, "v", &[cache_rows, kvd]).unwrap();
             let mut rec = Recorder::new(&gpu);
-            rope_qk(&mut rec, &qt, qh, &kt, kh, at, &table).unwrap();
+            rope_qkv(&mut rec, &qkv, &q, &kc, &vc, qh, at, &table).unwrap();
             assert_eq!(rec.len(), 1);
             rec.run().unwrap();
-            let (mut wq, mut wk) = (q.clone(), k.clone());
-            let q_rows = at.rows - at.q_from;
+            let (mut wq, mut wk, mut wv) = (
+                vec![0.0; q_rows * qd],
+                vec![0.0; cache_rows * kvd],
+                vec![0.0; cache_rows * kvd],
+            );
+            for r in 0..at.rows {
+                let src = &x[(at.qkv_row0 + r) * w..(at.qkv_row0 + r + 1) * w];
+                let c = at.cache_row0 + r;
+                wk[c * kvd..(c + 1) * kvd].copy_from_slice(&src[qd..qd + kvd]);
+                wv[c * kvd..(c + 1) * kvd].copy_from_slice(&src[qd + kvd..]);
+                if r >= at.q_from {
+                    let o = at.q_row0 + r - at.q_from;
+                    wq[o * qd..(o + 1) * qd].copy_from_slice(&src[..qd]);
+                }
+            }
+            let q_n = at.rows - at.q_from;
             rope_ref(
                 &mut wq,
-                qh * d,
+                qd,
                 qh,
                 d,
                 at.q_row0,
-                q_rows,
+                q_n,
                 at.pos0 + at.q_from,
                 theta,
             );
-            rope_ref(&mut wk, kh * d, kh, d, at.k_row0, at.rows, at.pos0, theta);
-            let what = format!("rope_qk {at:?}");
-            assert_close(&qt.read(&gpu).unwrap(), &wq, 1e-6, &what);
-            assert_close(&kt.read(&gpu).unwrap(), &wk, 1e-6, &what);
+            rope_ref(&mut wk, kvd, kh, d, at.cache_row0, at.rows, at.pos0, theta);
+            let what = format!("rope_qkv {at:?}");
+            assert_close(&q.read(&gpu).unwrap(), &wq, 1e-6, &what);
+            assert_close(&kc.read(&gpu).unwrap(), &wk, 1e-6, &what);
+            assert_eq!(vc.read(&gpu).unwrap(), wv, "{what}");
         }
-        let (qt, kt) = (
-            Tensor::zeros(&gpu, "q", &[2, 64]).unwrap(),
-            Tensor::zeros(&gpu, "k", &[4, 32]).unwrap(),
-        );
+        let qkv = Tensor::zeros(&gpu, "qkv", &[4, 128]).unwrap();
+        let q = Tensor::zeros(&gpu, "q", &[2, 64]).unwrap();
+        let kc = Tensor::zeros(&gpu, "k", &[4, 32]).unwrap();
         let table = RopeTable::new(&gpu, 8, 32, theta).unwrap();
         let mut rec = Recorder::new(&gpu);
-        let at = RopeQk {
-            rows: 4,
-            pos0: 0,
-            k_row0: 0,
-            q_from: 1,
-            q_row0: 0,
-        };
-        let err = rope_qk(&mut rec, &qt, 2, &kt, 1, at, &table).unwrap_err();
-        assert!(err.to_string().contains("rows 0..3 outside q"), "{err}");
-        let at = RopeQk {
-            rows: 4,
-            pos0: 6,
-            k_row0: 0,
-            q_from: 3,
-            q_row0: 0,
-        };
-        let err = rope_qk(&mut rec, &qt, 2, &kt, 1, at, &table).unwrap_err();
-        assert!(err.to_string().contains("exceed"), "{err}");
+        let err = |r: Result<()>| r.unwrap_err().to_string();
+        let e = err(rope_qkv(
+            &mut rec,
+            &qkv,
+            &q,
+            &kc,
+            &kc,
+            2,
+            at(4, 0, 0, 0, 1, 0),
+            &table,
+        ));
+        assert!(e.contains("rows 0..3 outside q"), "{e}");
+        let e = err(rope_qkv(
+            &mut rec,
+            &qkv,
+            &q,
+            &kc,
+            &kc,
+            2,
+            at(4, 6, 0, 0, 3, 0),
+            &table,
+        ));
+        assert!(e.contains("exceed"), "{e}");
+        let e = err(rope_qkv(
+            &mut rec,
+            &qkv,
+            &q,
+            &kc,
+            &kc,
+            1,
+            at(1, 0, 0, 0, 0, 0),
+            &table,
+        ));
+        assert!(e.contains("columns"), "{e}");
         assert!(rec.is_empty());
     }
 

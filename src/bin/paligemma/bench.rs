@@ -903,9 +903,9 @@ impl BenchReport {
             );
             row(
                 &mut s,
-                "  submissions / idle / overlapped waits",
+                "  submissions / waits (+overlap)",
                 format!(
-                    "{:.1} / {:.1} / {:.1}",
+                    "{:.1} / {:.1} (+{:.1})",
                     c.submissions_per_step, c.waits_per_step, c.overlapped_waits_per_step
                 ),
                 None,

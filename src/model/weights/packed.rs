@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use half::f16;
 use safetensors::Dtype;
 
-use super::{quantizable, Checkpoint, Entry, WeightFormat};
+use super::{quantizable, Checkpoint, Entry, Parts, WeightFormat};
 use crate::gpu::quantize::{quantize_checked, RowLayout};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::model::{LoadProgress, PaliGemmaConfig};
@@ -136,50 +136,67 @@ impl Checkpoint {
     pub(super) fn packed_matrix(
         &self,
         gpu: &Gpu,
-        name: &str,
-        shape: &[usize],
+        label: &str,
+        parts: &Parts,
         format: WeightFormat,
     ) -> Result<Tensor> {
         let dtype = packed_dtype(format)?;
-        let rows = shape[0];
-        let cols: usize = shape[1..].iter().product();
+        let cols = parts.cols;
         let layout = RowLayout::new(dtype, cols)
-            .ok_or_else(|| Error::tensor(name, format!("{dtype:?} is not a quantised type")))?;
-        let values = self.packed_entry(name, Dtype::U8, &[rows, layout.data_bytes], format)?;
-        let scale_name = format!("{name}{SCALE_SUFFIX}");
-        let (scale_dtype, scale_shape) = scale_tensor(dtype, rows, &layout);
-        let scales = self.packed_entry(&scale_name, scale_dtype, &scale_shape, format)?;
-        let (data, scale_bytes) = (self.bytes(values), self.bytes(scales));
-        let finite = match dtype {
-            DType::Q8 => scale_bytes
-                .chunks_exact(4)
-                .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-            _ => scale_bytes
-                .chunks_exact(2)
-                .position(|c| !f16::from_le_bytes([c[0], c[1]]).is_finite()),
-        };
-        if let Some(i) = finite {
-            return Err(Error::tensor(
-                &scales.original,
-                format!(
-                    "in {}: scale {i} is not finite (the file is corrupt)",
-                    self.files[scales.file].0.display()
-                ),
-            ));
+            .ok_or_else(|| Error::tensor(label, format!("{dtype:?} is not a quantised type")))?;
+        // Each part's packed values and scales, checked.
+        let mut sources = Vec::with_capacity(parts.names.len());
+        for (name, shape) in parts.names.iter().zip(&parts.shapes) {
+            let rows = shape[0];
+            let values = self.packed_entry(name, Dtype::U8, &[rows, layout.data_bytes], format)?;
+            let scale_name = format!("{name}{SCALE_SUFFIX}");
+            let (scale_dtype, scale_shape) = scale_tensor(dtype, rows, &layout);
+            let scales = self.packed_entry(&scale_name, scale_dtype, &scale_shape, format)?;
+            let scale_bytes = self.bytes(scales);
+            let finite = match dtype {
+                DType::Q8 => scale_bytes
+                    .chunks_exact(4)
+                    .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+                _ => scale_bytes
+                    .chunks_exact(2)
+                    .position(|c| !f16::from_le_bytes([c[0], c[1]]).is_finite()),
+            };
+            if let Some(i) = finite {
+                return Err(Error::tensor(
+                    &scales.original,
+                    format!(
+                        "in {}: scale {i} is not finite (the file is corrupt)",
+                        self.files[scales.file].0.display()
+                    ),
+                ));
+            }
+            sources.push((values, scales, scale_name));
         }
         let (db, sb) = (layout.data_bytes, layout.scale_bytes);
-        let t = Tensor::weight_packed(gpu, name, &[rows, cols], dtype, |r0, d, s| {
+        let t = Tensor::weight_packed(gpu, label, &[parts.rows, cols], dtype, |r0, d, s| {
             self.check_cancel()?;
             let n = d.len() / db;
-            d.copy_from_slice(&data[r0 * db..(r0 + n) * db]);
-            s.copy_from_slice(&scale_bytes[r0 * sb..(r0 + n) * sb]);
-            let start = values.start + r0 * db;
-            self.release(values, start, start + n * db);
-            self.advance(name, (n * db) as u64);
+            // Copy the chunk's rows r0..r0 + n part by part.
+            let mut r = r0;
+            while r < r0 + n {
+                let (p, lr) = parts.locate(r);
+                let (values, scales, _) = &sources[p];
+                let take = (parts.starts[p + 1] - r).min(r0 + n - r);
+                let (data, scale_bytes) = (self.bytes(values), self.bytes(scales));
+                let (o, e) = (r - r0, r - r0 + take);
+                d[o * db..e * db].copy_from_slice(&data[lr * db..(lr + take) * db]);
+                s[o * sb..e * sb].copy_from_slice(&scale_bytes[lr * sb..(lr + take) * sb]);
+                let start = values.start + lr * db;
+                self.release(values, start, start + take * db);
+                self.advance(parts.names[p], (take * db) as u64);
+                r += take;
+            }
             Ok(())
         })?;
-        self.release(scales, scales.start, scales.end);
-        self.advance(&scale_name, scale_bytes.len() as u64);
+        for (_, scales, scale_name) in &sources {
+            self.release(scales, scales.start, scales.end);
+            self.advance(scale_name, (scales.end - scales.start) as u64);
+        }
         Ok(t)
     }
 }
