@@ -239,6 +239,14 @@ fn check_device(limits: &wgpu::Limits, downlevel: wgpu::DownlevelFlags) -> Resul
     )))
 }
 
+/// Features [`Gpu::new`] enables when the adapter offers them; none is required. Subgroup
+/// operations and f16 arithmetic are for kernels that can use them, timestamps (inside compute
+/// passes) time each dispatch on the device ([`Gpu::start_profile`]).
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SUBGROUP
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+
 fn adapter_rank(kind: wgpu::DeviceType) -> u32 {
     match kind {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -251,7 +259,7 @@ fn adapter_rank(kind: wgpu::DeviceType) -> u32 {
 
 impl Gpu {
     /// Open the best adapter (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`) and create a
-    /// device with all of the adapter's limits.
+    /// device with all of the adapter's limits and those of [`OPTIONAL_FEATURES`] it offers.
     pub fn new(options: GpuOptions) -> Result<Arc<Self>> {
         pollster::block_on(Self::new_async(options))
     }
@@ -286,11 +294,10 @@ impl Gpu {
         // RSS of the full-size model 6606 -> 5740 MiB on lavapipe). On a discrete GPU they
         // would live in slow host-visible memory; integrated GPUs may gain too, but that is
         // unmeasured, so they keep the usual staging upload.
-        let required_features = if info.device_type == wgpu::DeviceType::Cpu {
-            adapter.features() & wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
-        } else {
-            wgpu::Features::empty()
-        };
+        let mut required_features = adapter.features() & OPTIONAL_FEATURES;
+        if info.device_type == wgpu::DeviceType::Cpu {
+            required_features |= adapter.features() & wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("paligemma"),
@@ -397,6 +404,14 @@ impl Gpu {
         self.adapter_features
     }
 
+    /// Whether dispatches can be timed on the device, with timestamps written inside compute
+    /// passes (see [`Gpu::start_profile`]).
+    pub fn gpu_timestamps(&self) -> bool {
+        self.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+        )
+    }
+
     /// The largest single storage binding for activations, in bytes.
     pub fn max_binding_bytes(&self) -> u64 {
         self.limits
@@ -488,9 +503,11 @@ impl Gpu {
         self.submissions.snapshot()
     }
 
-    /// Start profiling: from now on every plan runs one dispatch per submission and waits for
-    /// each, timing it on the host, until [`Gpu::take_profile`]. The results are the same;
-    /// only slower (and counted as that many submissions and waits).
+    /// Start profiling until [`Gpu::take_profile`]: on a device with `TIMESTAMP_QUERY` and
+    /// `TIMESTAMP_QUERY_INSIDE_PASSES`, every plan writes a GPU timestamp between its
+    /// dispatches and is waited for; otherwise every plan runs one dispatch per submission and
+    /// waits for each, timing it on the host (counted as that many submissions and waits).
+    /// The results are the same, only slower.
     pub fn start_profile(&self) {
         *self.profile.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
     }

@@ -9,7 +9,7 @@ mod recorder;
 pub mod shaders;
 mod tensor;
 
-pub use context::{limit_needs, Gpu, GpuOptions, LimitNeed};
+pub use context::{limit_needs, Gpu, GpuOptions, LimitNeed, OPTIONAL_FEATURES};
 pub use pipeline::KernelKey;
 pub use recorder::{KernelTime, Plan, Recorder, SubmissionStats};
 pub use tensor::{DType, Tensor, WEIGHT_ROW_ALIGN};

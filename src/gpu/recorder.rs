@@ -254,13 +254,86 @@ impl Plan {
         gpu.submit(self.ops.len(), [encoder.finish()])
     }
 
-    /// [`Plan::submit_with`] while [`Gpu::start_profile`] is on: each dispatch in its own
-    /// submission, waited for and timed.
+    /// [`Plan::submit_with`] while [`Gpu::start_profile`] is on, on a device with timestamps
+    /// inside passes: one submission with a timestamp before every dispatch and after the
+    /// last, resolved, read back (a wait) and turned into one [`KernelTime`] per dispatch.
+    /// Dispatches that the device overlaps share their time unevenly; the sum is the plan's.
+    fn submit_timestamped(
+        &self,
+        gpu: &Gpu,
+        extra: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> wgpu::SubmissionIndex {
+        let count = self.ops.len() as u32 + 1;
+        let bytes = 8 * u64::from(count);
+        let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let buffer = |usage| {
+            gpu.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile timestamps"),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+        let readback = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("plan"),
+            });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("plan"),
+                timestamp_writes: None,
+            });
+            for (i, op) in self.ops.iter().enumerate() {
+                pass.write_timestamp(&set, i as u32);
+                pass.set_pipeline(&op.pipeline);
+                pass.set_bind_group(0, &op.bind_group, &[]);
+                let [x, y, z] = op.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+            pass.write_timestamp(&set, count - 1);
+        }
+        encoder.resolve_query_set(&set, 0..count, &resolved, 0);
+        encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, bytes);
+        extra(&mut encoder);
+        let index = gpu.submit(self.ops.len(), [encoder.finish()]);
+        // A failed wait shows up in the caller's own wait after the plan.
+        let Ok(raw) = gpu.map_read(&readback, bytes) else {
+            return index;
+        };
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        let period_ns = f64::from(gpu.queue.get_timestamp_period());
+        if let Ok(mut p) = gpu.profile.lock() {
+            let times = p.get_or_insert_with(Vec::new);
+            for (op, t) in self.ops.iter().zip(ticks.windows(2)) {
+                times.push(KernelTime {
+                    shader: op.key.shader,
+                    entry: op.key.entry,
+                    workgroups: op.workgroups,
+                    seconds: t[1].saturating_sub(t[0]) as f64 * period_ns * 1e-9,
+                    device_timed: true,
+                });
+            }
+        }
+        index
+    }
+
+    /// [`Plan::submit_with`] while [`Gpu::start_profile`] is on, without GPU timestamps:
+    /// each dispatch in its own submission, waited for and timed on the host.
     fn submit_profiled(
         &self,
         gpu: &Gpu,
         extra: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> wgpu::SubmissionIndex {
+        if gpu.gpu_timestamps() && self.ops.len() < wgpu::QUERY_SET_MAX_QUERIES as usize {
+            return self.submit_timestamped(gpu, extra);
+        }
         for op in &self.ops {
             let encoder = encode(gpu, op.key.entry, std::slice::from_ref(op));
             let start = std::time::Instant::now();
@@ -272,6 +345,7 @@ impl Plan {
                 entry: op.key.entry,
                 workgroups: op.workgroups,
                 seconds: start.elapsed().as_secs_f64(),
+                device_timed: false,
             };
             if let Ok(mut p) = gpu.profile.lock() {
                 p.get_or_insert_with(Vec::new).push(time);
@@ -297,8 +371,10 @@ impl Plan {
     }
 }
 
-/// One dispatch timed by [`Gpu::start_profile`]: from its submission until the device was
-/// idle again, on the host clock (so it includes one submission's overhead).
+/// One dispatch timed by [`Gpu::start_profile`]: between the GPU timestamps written before
+/// and after it, or, on a device without timestamps inside compute passes, from its
+/// submission until the device was idle again on the host clock (so including one
+/// submission's overhead).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct KernelTime {
     /// Shader file stem under `shaders/`.
@@ -307,8 +383,10 @@ pub struct KernelTime {
     pub entry: &'static str,
     /// Workgroup counts of the dispatch.
     pub workgroups: [u32; 3],
-    /// Seconds from submission to idle.
+    /// Seconds it took.
     pub seconds: f64,
+    /// Whether `seconds` comes from GPU timestamps (else from the host clock).
+    pub device_timed: bool,
 }
 
 /// How much work went to the GPU: counted by [`Gpu`] for every submission and blocking wait
@@ -392,5 +470,49 @@ impl SubmissionCounters {
         ] {
             c.store(0, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gpu::{Recorder, Tensor, OPTIONAL_FEATURES};
+    use crate::ops::elementwise::add_rows;
+    use crate::ops::testutil::gpu_with_limit;
+
+    /// A profiled plan gives the results of an unprofiled one and one time per dispatch, in
+    /// order; on a device with timestamps inside passes (lavapipe has them) from the GPU, in
+    /// one submission.
+    #[test]
+    fn profiling_times_every_dispatch() {
+        let gpu = gpu_with_limit(None);
+        let wanted = gpu.adapter_features() & OPTIONAL_FEATURES;
+        assert!(
+            gpu.device.features().contains(wanted),
+            "optional features enabled"
+        );
+        let acc = Tensor::from_f32(&gpu, "acc", &[2, 3], &[1.0; 6]).unwrap();
+        let x = Tensor::from_f32(&gpu, "x", &[2, 3], &[0.5, 1.0, 1.5, 2.0, 2.5, 3.0]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        for _ in 0..3 {
+            add_rows(&mut rec, &acc, &x, 0, 2).unwrap();
+        }
+        let plan = rec.finish().unwrap();
+        gpu.start_profile();
+        gpu.reset_submission_stats();
+        plan.run(&gpu).unwrap();
+        let stats = gpu.submission_stats();
+        let times = gpu.take_profile();
+        assert_eq!(acc.read(&gpu).unwrap(), [2.5, 4.0, 5.5, 7.0, 8.5, 10.0]);
+        assert_eq!(times.len(), 3, "{times:?}");
+        for t in &times {
+            assert_eq!((t.shader, t.entry), ("elementwise", "combine"));
+            assert_eq!(t.device_timed, gpu.gpu_timestamps());
+            assert!(t.seconds > 0.0 && t.seconds < 10.0, "{t:?}");
+        }
+        let submissions = if gpu.gpu_timestamps() { 1 } else { 4 };
+        assert_eq!(stats.submissions, submissions, "{stats:?}");
+        assert!(gpu.take_profile().is_empty(), "profiling stopped");
+        plan.run(&gpu).unwrap();
+        assert!(gpu.take_profile().is_empty());
     }
 }

@@ -282,8 +282,11 @@ pub struct KernelRow {
     pub workgroups: [u32; 3],
     /// Dispatches.
     pub calls: usize,
-    /// Seconds in all, each from submission to idle (one submission's overhead included).
+    /// Seconds in all: between GPU timestamps where the device has them (`device_timed`),
+    /// else each from submission to idle on the host (one submission's overhead included).
     pub seconds: f64,
+    /// Whether the times come from GPU timestamps.
+    pub device_timed: bool,
 }
 
 /// Sum timed dispatches by kernel and grid, longest total first.
@@ -304,6 +307,7 @@ fn kernel_rows(times: &[KernelTime]) -> Vec<KernelRow> {
                 workgroups: t.workgroups,
                 calls: 1,
                 seconds: t.seconds,
+                device_timed: t.device_timed,
             }),
         }
     }
@@ -779,9 +783,13 @@ fn probes_in_bindings(gpu: &Gpu, read_bytes: u64, binding: u64) -> Result<Probes
 fn profile_table(m: &ModelReport) -> String {
     let total: f64 = m.profile.iter().map(|r| r.seconds).sum();
     let calls: usize = m.profile.iter().map(|r| r.calls).sum();
+    let how = match m.profile.iter().all(|r| r.device_timed) {
+        true => "GPU timestamps between dispatches",
+        false => "each dispatch submitted and waited for alone, host clock",
+    };
     let mut s = format!(
         "profile of {} request(s) together ({} weights, {} decode steps): {calls} dispatches, \
-         {:.1} ms (each dispatch submitted and waited for alone)\n\
+         {:.1} ms ({how})\n\
          {:<28}{:>18}{:>7}{:>11}{:>10}{:>7}\n",
         m.profile_batch,
         m.weights,
