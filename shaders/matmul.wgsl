@@ -13,8 +13,8 @@
 // Arithmetic and accumulation are f32.
 //
 // `matmul`: 32x32 output tile per 8x8 workgroup, 4x4 outputs per thread, k in steps of 32.
-// `matvec`: for a few rows of x (decode); 64 threads split k, 4 output columns per workgroup,
-// row m of x is workgroup z.
+// `matvec`: for a few rows of x (decode, up to 4); 64 threads split k, 4 output columns per
+// workgroup for every row of x, so each weight is read once per launch.
 //
 // CPU adapters (lavapipe) run a workgroup on one CPU thread, its invocations as SIMD lanes,
 // and pay per load instruction: a load whose address differs between lanes is a loop over the
@@ -168,8 +168,41 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
 
 const RV: u32 = 4u;
 const WG: u32 = 64u;
-var<workgroup> red: array<f32, 256>; // [RV][WG]
+// Rows of x one `matvec` workgroup serves (the launcher's MATVEC_MAX_ROWS).
+const MV: u32 = 4u;
+var<workgroup> red: array<f32, 1024>; // [MV][RV][WG]
 
+// The 8 values of x row `row` (of this launch) at k = 8 j .. 8 j + 8, zeros from k on.
+fn x8(row: u32, j: u32) -> array<f32, 8> {
+    let xb = (row + p.x_row) * p.x_stride + j * 8u;
+    var xv: array<f32, 8>;
+    if (j * 8u + 8u <= p.k) {
+        for (var e = 0u; e < 8u; e++) {
+            xv[e] = x[xb + e];
+        }
+    } else {
+        for (var e = 0u; e < 8u; e++) {
+            xv[e] = 0.0;
+            if (j * 8u + e < p.k) {
+                xv[e] = x[xb + e];
+            }
+        }
+    }
+    return xv;
+}
+
+fn dot8(a: array<f32, 8>, b: array<f32, 8>) -> f32 {
+    var s = 0.0;
+    for (var e = 0u; e < 8u; e++) {
+        s = fma(a[e], b[e], s);
+    }
+    return s;
+}
+
+// RV output columns for all m <= MV rows of x: each weight unit is loaded once for every row
+// (a batched decode step reads the weights once), the RV row loads of a step are issued
+// before their FMAs, and the last workgroup's missing rows are clamped to the last row
+// instead of branched around (their results are not stored).
 @compute @workgroup_size(64, 1, 1)
 fn matvec(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -177,50 +210,52 @@ fn matvec(
     @builtin(local_invocation_index) t: u32,
 ) {
     let n0 = (wid.x + wid.y * nwg.x) * RV;
-    let row = wid.z;
-    let xb = (row + p.x_row) * p.x_stride;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    let nvec = (p.k + 7u) / 8u;
+    let last = p.n - 1u;
+    let b0 = wrow(min(n0, last));
+    let b1 = wrow(min(n0 + 1u, last));
+    let b2 = wrow(min(n0 + 2u, last));
+    let b3 = wrow(min(n0 + 3u, last));
     let unit_step = wstep(n0); // the RV rows lie in one group
+    var acc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < MV; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    let nvec = (p.k + 7u) / 8u;
     for (var j = t; j < nvec; j += WG) {
-        var xv: array<f32, 8>;
-        if (j * 8u + 8u <= p.k) {
-            for (var e = 0u; e < 8u; e++) {
-                xv[e] = x[xb + j * 8u + e];
-            }
-        } else {
-            for (var e = 0u; e < 8u; e++) {
-                xv[e] = 0.0;
-                if (j * 8u + e < p.k) {
-                    xv[e] = x[xb + j * 8u + e];
-                }
-            }
-        }
-        for (var r = 0u; r < RV; r++) {
-            if (n0 + r < p.n) {
-                let h = unpack8(w[wrow(n0 + r) + j * unit_step]);
-                var s = 0.0;
-                for (var e = 0u; e < 8u; e++) {
-                    s = fma(xv[e], h[e], s);
-                }
-                acc[r] += s;
+        let o = j * unit_step;
+        let q0 = w[b0 + o];
+        let q1 = w[b1 + o];
+        let q2 = w[b2 + o];
+        let q3 = w[b3 + o];
+        let h0 = unpack8(q0);
+        let h1 = unpack8(q1);
+        let h2 = unpack8(q2);
+        let h3 = unpack8(q3);
+        for (var i = 0u; i < MV; i++) {
+            if (i < p.m) {
+                let xv = x8(i, j);
+                acc[i] += vec4<f32>(dot8(xv, h0), dot8(xv, h1), dot8(xv, h2), dot8(xv, h3));
             }
         }
     }
-    for (var r = 0u; r < RV; r++) {
-        red[r * WG + t] = acc[r];
+    for (var i = 0u; i < MV; i++) {
+        for (var r = 0u; r < RV; r++) {
+            red[(i * RV + r) * WG + t] = acc[i][r];
+        }
     }
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (t < s) {
-            for (var r = 0u; r < RV; r++) {
-                red[r * WG + t] += red[r * WG + t + s];
+            for (var c = 0u; c < MV * RV; c++) {
+                red[c * WG + t] += red[c * WG + t + s];
             }
         }
         workgroupBarrier();
     }
-    if (t < RV && n0 + t < p.n && row < p.m) {
-        store(row, n0 + t, red[t * WG]);
+    let i = t / RV;
+    let r = t % RV;
+    if (t < MV * RV && i < p.m && n0 + r < p.n) {
+        store(i, n0 + r, red[t * WG]);
     }
 }
 

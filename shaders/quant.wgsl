@@ -19,8 +19,8 @@
 // Q8 row scales multiply the finished dot products; Q4 block scales each block's partial sum.
 //   `qmatmul`: 32x32 output tile per 8x8 workgroup, 4x4 outputs per thread, k in steps of 32
 //       (2 Q8 units / 1 Q4 block), weights dequantised into workgroup memory.
-//   `qmatvec`: a few rows (decode): 64 threads split k by units, 4 output columns per
-//       workgroup, row of x = workgroup z.
+//   `qmatvec`: a few rows (decode, up to 4): 64 threads split k by units, 4 output columns
+//       per workgroup for every row of x, so each weight is read once per launch.
 //   `qmatvec_lanes` (one row: 8 columns per lane, 512 per workgroup, a unit per step) and
 //       `qmatmul_lanes` (4 rows x 4 columns per lane, 4 x 256 per workgroup, 8 values of k per
 //       step: larger loop bodies ran ~2x slower on lavapipe) for CPU adapters, laid out like
@@ -226,8 +226,28 @@ fn x_unit(xb: u32, k0: u32) -> Vals {
 }
 
 const RV: u32 = 4u;
-var<workgroup> red: array<f32, 256>; // [RV][WG]
+// Rows of x one `qmatvec` workgroup serves (the launcher's MATVEC_MAX_ROWS).
+const MV: u32 = 4u;
+var<workgroup> red: array<f32, 1024>; // [MV][RV][WG]
 
+// Q4: the scales of unit (block) j of rows c0..c3; Q8: ones (its row scale is applied in
+// `store`).
+fn unit_scales(c0: u32, c1: u32, c2: u32, c3: u32, j: u32) -> vec4<f32> {
+    if (!Q4) {
+        return vec4<f32>(1.0);
+    }
+    let o = p.scale_off;
+    let b = p.w_stride4;
+    return vec4<f32>(
+        block_scale(o, b, c0, j),
+        block_scale(o, b, c1, j),
+        block_scale(o, b, c2, j),
+        block_scale(o, b, c3, j),
+    );
+}
+
+// RV output columns for all m <= MV rows of x, each weight unit loaded once for every row,
+// as matmul.wgsl's `matvec`.
 @compute @workgroup_size(64, 1, 1)
 fn qmatvec(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -235,39 +255,53 @@ fn qmatvec(
     @builtin(local_invocation_index) t: u32,
 ) {
     let n0 = (wid.x + wid.y * nwg.x) * RV;
-    let row = wid.z;
-    let xb = (row + p.x_row) * p.x_stride;
+    let last = p.n - 1u;
+    let c0 = min(n0, last);
+    let c1 = min(n0 + 1u, last);
+    let c2 = min(n0 + 2u, last);
+    let c3 = min(n0 + 3u, last);
     let uv = unit_values();
     let units = (p.k + uv - 1u) / uv;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < MV; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
     for (var j = t; j < units; j += WG) {
-        let xu = x_unit(xb, j * uv);
-        for (var r = 0u; r < RV; r++) {
-            let c = n0 + r;
-            if (c < p.n) {
-                let s = vdot(deq(w[c * p.w_stride4 + j]), xu);
-                if (Q4) {
-                    acc[r] = fma(s, block_scale(p.scale_off, p.w_stride4, c, j), acc[r]);
-                } else {
-                    acc[r] += s;
-                }
+        let q0 = w[c0 * p.w_stride4 + j];
+        let q1 = w[c1 * p.w_stride4 + j];
+        let q2 = w[c2 * p.w_stride4 + j];
+        let q3 = w[c3 * p.w_stride4 + j];
+        let h0 = deq(q0);
+        let h1 = deq(q1);
+        let h2 = deq(q2);
+        let h3 = deq(q3);
+        let sc = unit_scales(c0, c1, c2, c3, j);
+        for (var i = 0u; i < MV; i++) {
+            if (i < p.m) {
+                let xu = x_unit((i + p.x_row) * p.x_stride, j * uv);
+                let d = vec4<f32>(vdot(h0, xu), vdot(h1, xu), vdot(h2, xu), vdot(h3, xu));
+                acc[i] = fma(d, sc, acc[i]);
             }
         }
     }
-    for (var r = 0u; r < RV; r++) {
-        red[r * WG + t] = acc[r];
+    for (var i = 0u; i < MV; i++) {
+        for (var r = 0u; r < RV; r++) {
+            red[(i * RV + r) * WG + t] = acc[i][r];
+        }
     }
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (t < s) {
-            for (var r = 0u; r < RV; r++) {
-                red[r * WG + t] += red[r * WG + t + s];
+            for (var c = 0u; c < MV * RV; c++) {
+                red[c * WG + t] += red[c * WG + t + s];
             }
         }
         workgroupBarrier();
     }
-    if (t < RV && n0 + t < p.n && row < p.m) {
-        store(row, n0 + t, red[t * WG]);
+    let i = t / RV;
+    let r = t % RV;
+    if (t < MV * RV && i < p.m && n0 + r < p.n) {
+        store(i, n0 + r, red[t * WG]);
     }
 }
 

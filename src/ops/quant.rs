@@ -113,10 +113,7 @@ pub(crate) fn linear_quantized_with(
         let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
         let buffers = [x.buffer(), &chunk.buffer, bias_buf, out.buffer()];
         let workgroups = match entry {
-            "qmatvec" => {
-                let [gx, gy, _] = rec.grid(chunk.rows.div_ceil(4) as u32);
-                [gx, gy, m as u32]
-            }
+            "qmatvec" => rec.grid(chunk.rows.div_ceil(4) as u32),
             "qmatvec_lanes" => rec.grid(chunk.rows.div_ceil(512) as u32),
             "qmatmul_lanes" => [chunk.rows.div_ceil(256) as u32, m.div_ceil(4) as u32, 1],
             _ => [chunk.rows.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
@@ -314,6 +311,8 @@ mod tests {
         // More than 512 columns (two lane workgroups); k % 16 == 4, k % 32 == 4.
         run_case(None, 1, 1100, 36, true, Act::GeluTanh, Combine::Store);
         run_case(None, 4, 600, 100, false, Act::None, Combine::Add);
+        // Every row of x in one workgroup, fewer weight rows than a workgroup computes.
+        run_case(None, 4, 7, 36, true, Act::GeluTanh, Combine::Mul);
     }
 
     #[test]
