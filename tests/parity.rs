@@ -422,6 +422,40 @@ fn two_images_in_one_prompt() {
         assert!(worst <= 0.02, "{how}: logprob diff {worst}");
         assert_eq!(out.text, fixture["gen_text"].as_str().unwrap());
     }
+    // In a batch with a one-image request, each gives what it gives alone.
+    let requests = vec![
+        Request {
+            image: ImageInput::Many(pixels.iter().cloned().map(ImageInput::Pixels).collect()),
+            prompt: Prompt::Text(prompt.into()),
+            options: options.clone(),
+        },
+        Request {
+            image: ImageInput::Pixels(pixels[0].clone()),
+            prompt: Prompt::Text("caption en".into()),
+            options: options.clone(),
+        },
+    ];
+    let alone = pg
+        .generate(&pixels[0], "caption en", &options, &mut |_| true)
+        .unwrap();
+    let batch = pg
+        .run_all(
+            paligemma::generate::SchedulerOptions::default(),
+            requests,
+            &mut |_, _| true,
+        )
+        .unwrap();
+    assert_eq!(
+        batch[0].as_ref().unwrap().token_ids,
+        want,
+        "two images in a batch"
+    );
+    assert_eq!(
+        batch[1].as_ref().unwrap().token_ids,
+        alone.token_ids,
+        "one image in a batch"
+    );
+    assert_eq!(batch[1].as_ref().unwrap().prompt_tokens, 256 + 1 + 3);
     // The images' order matters: swapped, the answer is another one.
     let swapped = Request {
         image: ImageInput::Many(
