@@ -1005,3 +1005,138 @@ fn device_bench_dry_run_writes_its_report() {
     let profile = v["profile"]["models"][0]["profile"].as_array().unwrap();
     assert!(profile.len() > 5, "{profile:?}");
 }
+
+/// `--image` twice: one prompt about both images (`tests/fixtures/multi_image.json`, from
+/// `scripts/make_multi_image_fixture.py`) gives HF's greedy ids and log-probabilities, asked
+/// twice (the images' features are then computed once and shared) and as a `--batch` line
+/// with a list of images.
+#[test]
+fn two_images_in_one_prompt_match_hf() {
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("multi_image.json")).unwrap(),
+    )
+    .unwrap();
+    let root = common::root();
+    let m = root.join(fixture["model"].as_str().unwrap());
+    let images: Vec<PathBuf> = fixture["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| root.join(p.as_str().unwrap()))
+        .collect();
+    let prompt = fixture["prompt"].as_str().unwrap();
+    let (a, b) = (images[0].to_str().unwrap(), images[1].to_str().unwrap());
+    let m = m.to_str().unwrap();
+    let check = |v: &Value, how: &str| {
+        assert_eq!(v["token_ids"], fixture["gen_ids"], "{how}");
+        assert_eq!(v["prompt_tokens"], 522, "{how}");
+        assert_eq!(v["text"], fixture["gen_text"], "{how}");
+        let steps = v["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 20, "{how}");
+        for (s, step) in steps.iter().enumerate() {
+            let got = step["logprob"].as_f64().unwrap();
+            let want = fixture["gen_logprobs"][s].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 0.02,
+                "{how} step {s}: {got} vs {want}"
+            );
+        }
+    };
+    let o = run(
+        &[
+            "generate", "--model", m, "--image", a, "--image", b, "--prompt", prompt, "--prompt",
+            prompt, "-n", "20", "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let answers = json_lines(&o);
+    assert_eq!(answers.len(), 2);
+    for (i, v) in answers.iter().enumerate() {
+        check(v, &format!("--image twice, prompt {}", i + 1));
+    }
+    let tmp = TempDir::new("two-images");
+    let file = tmp.0.join("requests.jsonl");
+    let lines = [
+        serde_json::json!({"image": [a, b], "prompt": prompt}),
+        serde_json::json!({"image": [], "prompt": prompt}),
+        serde_json::json!({"image": [a, 3], "prompt": prompt}),
+    ];
+    let body: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&file, body.join("\n")).unwrap();
+    let args = [
+        "generate",
+        "--model",
+        m,
+        "--batch",
+        file.to_str().unwrap(),
+        "-n",
+        "20",
+        "--json",
+    ];
+    let o = run(&args, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let results = json_lines(&o);
+    check(&results[0], "--batch with a list of images");
+    let error = |i: usize| results[i]["error"].as_str().unwrap().to_string();
+    assert!(
+        error(1).contains("line 2") && error(1).contains("empty list"),
+        "{}",
+        error(1)
+    );
+    assert!(
+        error(2).contains("line 3") && error(2).contains("list of paths"),
+        "{}",
+        error(2)
+    );
+}
+
+/// What several images cannot do is refused before the model loads: standard input twice,
+/// and the outputs that draw on one image.
+#[test]
+fn several_images_refusals_are_explained() {
+    let m = model();
+    let (a, c) = (image("astronaut.png"), image("chelsea.jpg"));
+    let (m, a, c) = (
+        m.to_str().unwrap(),
+        a.to_str().unwrap(),
+        c.to_str().unwrap(),
+    );
+    let two = [
+        "generate",
+        "--model",
+        m,
+        "--image",
+        a,
+        "--image",
+        c,
+        "--prompt",
+        "detect cat",
+    ];
+    let with = |extra: &[&str]| run(&[&two[..], extra].concat(), &[]);
+    assert_fails(
+        &with(&["--annotate", "out.png"]),
+        &["--annotate", "one image", "2 --image"],
+    );
+    assert_fails(
+        &with(&["--vae", "vae-oid.npz"]),
+        &["--vae", "one image", "2 --image"],
+    );
+    assert_fails(
+        &run(
+            &[
+                "generate",
+                "--model",
+                m,
+                "--image",
+                "-",
+                "--image",
+                "-",
+                "--prompt",
+                "caption en",
+            ],
+            &[],
+        ),
+        &["`--image -` can be given once"],
+    );
+}

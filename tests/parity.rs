@@ -332,3 +332,195 @@ fn batch_matches_single_requests() {
 fn batch_matches_single_requests_paligemma2() {
     check_batch("tiny-pg2-f32");
 }
+
+/// Two images in one prompt (`scripts/make_multi_image_fixture.py`): HF's processor gives each
+/// its own block of image tokens before `<bos>`; the engine's prompt ids, 20 greedy ids and
+/// their log-probabilities against HF's, with both images as pixels and with the first one's
+/// features computed before.
+#[test]
+fn two_images_in_one_prompt() {
+    use paligemma::generate::{ImageInput, Prompt, Request};
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("multi_image.json")).unwrap(),
+    )
+    .unwrap();
+    let u32s = |k: &str| -> Vec<u32> {
+        fixture[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let pg = common::load(
+        &gpu(None),
+        &common::root().join(fixture["model"].as_str().unwrap()),
+    );
+    let prompt = fixture["prompt"].as_str().unwrap();
+    let ids = pg.prompts().unwrap().encode_images(prompt, 2).unwrap();
+    assert_eq!(ids, u32s("input_ids"), "prompt ids");
+    assert_eq!(ids.len(), 2 * 256 + 10);
+    let text_ids = &ids[2 * 256 + 1..];
+    assert_eq!(pg.placeholder_prompt_images(2, text_ids), ids);
+    let pixels: Vec<PixelValues> = fixture["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            pg.images
+                .load(&common::root().join(p.as_str().unwrap()))
+                .unwrap()
+        })
+        .collect();
+    let first = pg.image_features(&pixels[0]).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: 20,
+        top_logprobs: 5,
+        ..Default::default()
+    };
+    let (want, want_lp) = (u32s("gen_ids"), &fixture["gen_logprobs"]);
+    for (how, image) in [
+        (
+            "pixels",
+            ImageInput::Many(pixels.iter().cloned().map(ImageInput::Pixels).collect()),
+        ),
+        (
+            "features + pixels",
+            ImageInput::Many(vec![
+                ImageInput::Features(first.clone()),
+                ImageInput::Pixels(pixels[1].clone()),
+            ]),
+        ),
+    ] {
+        assert_eq!(image.count(), 2);
+        let request = Request {
+            image,
+            prompt: Prompt::Text(prompt.into()),
+            options: options.clone(),
+        };
+        let out = pg.run_one(request, &mut |_| true).unwrap();
+        assert_eq!(out.prompt_tokens, 522);
+        assert_eq!(out.token_ids, want, "{how}: greedy ids");
+        let worst = out
+            .steps
+            .iter()
+            .enumerate()
+            .flat_map(|(s, step)| {
+                // The chosen token's, then the k-th best log-probabilities rank by rank.
+                let top = fixture["gen_top_logprobs"][s].as_array().unwrap();
+                let chosen = (step.logprob - want_lp[s].as_f64().unwrap() as f32).abs();
+                let ranks = step
+                    .top
+                    .iter()
+                    .zip(top)
+                    .map(|((_, lp), w)| (lp - w.as_f64().unwrap() as f32).abs());
+                std::iter::once(chosen).chain(ranks).collect::<Vec<_>>()
+            })
+            .fold(0.0f32, f32::max);
+        assert_eq!(out.steps[0].top.len(), 5);
+        eprintln!("two images ({how}): 522 prompt ids, 20 ids equal, logprob (top-5) max diff {worst:.2e}");
+        assert!(worst <= 0.02, "{how}: logprob diff {worst}");
+        assert_eq!(out.text, fixture["gen_text"].as_str().unwrap());
+    }
+    // In a batch with a one-image request, each gives what it gives alone.
+    let requests = vec![
+        Request {
+            image: ImageInput::Many(pixels.iter().cloned().map(ImageInput::Pixels).collect()),
+            prompt: Prompt::Text(prompt.into()),
+            options: options.clone(),
+        },
+        Request {
+            image: ImageInput::Pixels(pixels[0].clone()),
+            prompt: Prompt::Text("caption en".into()),
+            options: options.clone(),
+        },
+    ];
+    let alone = pg
+        .generate(&pixels[0], "caption en", &options, &mut |_| true)
+        .unwrap();
+    let batch = pg
+        .run_all(
+            paligemma::generate::SchedulerOptions::default(),
+            requests,
+            &mut |_, _| true,
+        )
+        .unwrap();
+    assert_eq!(
+        batch[0].as_ref().unwrap().token_ids,
+        want,
+        "two images in a batch"
+    );
+    assert_eq!(
+        batch[1].as_ref().unwrap().token_ids,
+        alone.token_ids,
+        "one image in a batch"
+    );
+    assert_eq!(batch[1].as_ref().unwrap().prompt_tokens, 256 + 1 + 3);
+    // The images' order matters: swapped, the answer is another one.
+    let swapped = Request {
+        image: ImageInput::Many(
+            pixels
+                .iter()
+                .rev()
+                .cloned()
+                .map(ImageInput::Pixels)
+                .collect(),
+        ),
+        prompt: Prompt::Text(prompt.into()),
+        options,
+    };
+    let out = pg.run_one(swapped, &mut |_| true).unwrap();
+    assert_ne!(out.token_ids, want, "the images swapped");
+}
+
+/// A request whose prompt ids do not have one block of image tokens per image, or with an
+/// empty list of images, or an image of the wrong size among several, is refused with the
+/// reason.
+#[test]
+fn several_images_bad_requests_are_explained() {
+    use paligemma::generate::{ImageInput, Prompt, Request};
+    let pg = common::load(&gpu(None), &common::fixture_model("tiny-mqa-f32"));
+    let px = ref_pixels("tiny-mqa-f32", "astronaut");
+    let two = || ImageInput::Many(vec![ImageInput::Pixels(px.clone()), px.clone().into()]);
+    let fail = |image: ImageInput, prompt: Prompt| {
+        let request = Request {
+            image,
+            prompt,
+            options: GenerateOptions::default(),
+        };
+        pg.run_one(request, &mut |_| true).unwrap_err().to_string()
+    };
+    let one_block = Prompt::Ids(pg.placeholder_prompt(&[300, 301]));
+    let e = fail(two(), one_block);
+    assert!(
+        e.contains("2 blocks of 256 image tokens (one per image)") && e.contains("starts with 256"),
+        "{e}"
+    );
+    let two_blocks = Prompt::Ids(pg.placeholder_prompt_images(2, &[300, 301]));
+    let e = fail(ImageInput::Pixels(px.clone()), two_blocks);
+    assert!(
+        e.contains("start with 256 image tokens") && e.contains("starts with 512"),
+        "{e}"
+    );
+    let e = fail(
+        ImageInput::Many(Vec::new()),
+        Prompt::Text("caption en".into()),
+    );
+    assert!(e.contains("no image"), "{e}");
+    let small = PixelValues {
+        height: 14,
+        width: 14,
+        data: vec![0.0; 3 * 14 * 14],
+    };
+    let e = fail(
+        ImageInput::Many(vec![px.clone().into(), small.into()]),
+        Prompt::Text("caption en".into()),
+    );
+    assert!(e.contains("image 2 of 2: pixel values are 14×14"), "{e}");
+    let e = pg
+        .prompts()
+        .unwrap()
+        .encode_images("caption en", 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("at least one image"), "{e}");
+}

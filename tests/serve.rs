@@ -420,6 +420,10 @@ fn bad_requests_get_clear_errors() {
     );
     assert_eq!(s, 400);
     assert!(m.contains("exactly one image"), "{m}");
+    let two = json!({"prompt": "caption en", "images": [scene_b64(0), scene_b64(1)]});
+    let (s, m) = rejected(port, "/api/generate", &two);
+    assert_eq!(s, 400);
+    assert!(m.contains("got 2") && m.contains("--image repeated"), "{m}");
 
     let big = chat(&"A".repeat(200_000), "caption en", json!({}));
     let (s, _, b) = post(port, "/v1/chat/completions", &big, &[]);

@@ -19,7 +19,7 @@
 use std::time::Instant;
 
 use super::sampling::logprobs;
-use super::scheduler::{prepare, ImageInput, Request};
+use super::scheduler::{image_tensor, prepare, Request};
 use super::{EarlyStopping, FinishReason, GenerateOptions, Generation, Step, Timings};
 use crate::gpu::Recorder;
 use crate::model::gemma::Sequence;
@@ -218,17 +218,9 @@ pub(crate) fn run(
 ) -> Result<Generation> {
     let (ids, image, options) = prepare(model, request)?;
     let gpu = &**model.gpu();
-    let (vision, text) = (model.vision_tower(), model.decoder());
+    let text = model.decoder();
     let t0 = Instant::now();
-    let features = match image {
-        ImageInput::Features(f) => f.tensor,
-        ImageInput::Pixels(px) => {
-            let acts = vision.activations(gpu)?;
-            let features = vision.features(gpu)?;
-            vision.encode_into(gpu, &acts, &px, &features, 1)?;
-            features
-        }
-    };
+    let features = image_tensor(model, image, &mut None, 1)?;
     let vision_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let (n, max_new) = (options.num_beams, options.max_new_tokens);

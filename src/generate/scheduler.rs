@@ -14,6 +14,7 @@ use crate::gpu::{Gpu, Plan, Recorder, Tensor};
 use crate::model::gemma::{Batch, Sequence};
 use crate::model::siglip::VisionActivations;
 use crate::model::PaliGemma;
+use crate::ops::elementwise::copy_rows;
 use crate::ops::sample::{argmax_logprob, argmax_logprob_feed, decode_pick};
 use crate::processor::image::PixelValues;
 use crate::processor::prompt::TextStream;
@@ -45,13 +46,37 @@ impl ImageFeatures {
     }
 }
 
-/// The image of a request.
+/// The image (or images) of a request.
 #[derive(Debug, Clone)]
 pub enum ImageInput {
     /// Preprocessed pixels: the vision tower runs when the request is admitted.
     Pixels(PixelValues),
     /// Features computed before (shared between requests).
     Features(ImageFeatures),
+    /// Several images in one prompt, as HF's `PaliGemmaProcessor` takes them (the NLVR2
+    /// fine-tunes compare two): each is encoded on its own and gets its own block of image
+    /// tokens, in this order, before `<bos>`. Each may be pixels or features; a nested
+    /// `Many` is flattened.
+    Many(Vec<ImageInput>),
+}
+
+impl ImageInput {
+    /// How many images this is (nested [`ImageInput::Many`] counted through); a prompt for it
+    /// starts with this many blocks of image tokens.
+    pub fn count(&self) -> usize {
+        match self {
+            ImageInput::Many(images) => images.iter().map(ImageInput::count).sum(),
+            _ => 1,
+        }
+    }
+
+    /// The single images, in order.
+    fn flatten(self, out: &mut Vec<ImageInput>) {
+        match self {
+            ImageInput::Many(images) => images.into_iter().for_each(|i| i.flatten(out)),
+            one => out.push(one),
+        }
+    }
 }
 
 /// The prompt of a request.
@@ -60,7 +85,8 @@ pub enum Prompt {
     /// A task prefix such as `caption en` or `detect cat`, tokenized as HF's processor does.
     Text(String),
     /// Token ids with the image placeholders, `<bos>` and the text (see
-    /// [`PaliGemma::placeholder_prompt`]).
+    /// [`PaliGemma::placeholder_prompt`], or one block of image placeholders per image:
+    /// [`PaliGemma::placeholder_prompt_images`]).
     Ids(Vec<u32>),
 }
 
@@ -561,21 +587,10 @@ impl<'m> Scheduler<'m> {
     fn admit(&mut self, q: Queued) -> Result<Live> {
         let model = self.model;
         let gpu = &**model.gpu();
-        let (vision, text) = (model.vision_tower(), model.decoder());
+        let text = model.decoder();
         let bound = self.opts.layers_per_submission;
         let t0 = Instant::now();
-        let features = match q.image {
-            ImageInput::Features(f) => f.tensor,
-            ImageInput::Pixels(px) => {
-                if self.vision.is_none() {
-                    self.vision = Some(vision.activations(gpu)?);
-                }
-                let acts = self.vision.as_ref().expect("allocated above");
-                let features = vision.features(gpu)?;
-                vision.encode_into(gpu, acts, &px, &features, bound)?;
-                features
-            }
-        };
+        let features = image_tensor(model, q.image, &mut self.vision, bound)?;
         let vision_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut seq = text.sequence(gpu, q.ids.len(), q.options.max_new_tokens)?;
@@ -742,8 +757,16 @@ pub(super) fn prepare(
             "stop strings need a model with a tokenizer".into(),
         ));
     }
+    let images = image.count();
+    if images == 0 {
+        return Err(Error::Request(
+            "the request has no image (an empty ImageInput::Many): PaliGemma answers about \
+             at least one"
+                .into(),
+        ));
+    }
     let ids = match prompt {
-        Prompt::Text(text) => model.prompts()?.encode(&text)?,
+        Prompt::Text(text) => model.prompts()?.encode_images(&text, images)?,
         Prompt::Ids(ids) => ids,
     };
     let config = &model.config;
@@ -756,25 +779,110 @@ pub(super) fn prepare(
         )));
     }
     let n_img = config.num_image_tokens();
-    if ids.len() <= n_img || ids[..n_img].iter().any(|&i| i != config.image_token_index) {
+    let leading = ids
+        .iter()
+        .take_while(|&&i| i == config.image_token_index)
+        .count();
+    if leading != images * n_img || ids.len() == leading {
+        let blocks = match images {
+            1 => format!("{n_img} image tokens"),
+            k => format!("{k} blocks of {n_img} image tokens (one per image)"),
+        };
         return Err(Error::Request(format!(
-            "the prompt must start with {n_img} image tokens followed by text"
+            "the prompt must start with {blocks} followed by text; it starts with {leading}"
         )));
     }
     model.decoder().check_ids(&ids)?;
-    match &image {
-        ImageInput::Pixels(px) => model.vision_tower().check_pixels(px)?,
+    let mut seen = 0;
+    check_image(model, &image, images, &mut seen)?;
+    let mut singles = Vec::with_capacity(images);
+    image.flatten(&mut singles);
+    let image = match singles.len() {
+        1 => singles.remove(0),
+        _ => ImageInput::Many(singles),
+    };
+    Ok((ids, image, options))
+}
+
+/// Check the pixels' resolution or the features' shape of each of the `total` images in
+/// `image`; `seen` counts the images checked before, to name the bad one.
+fn check_image(
+    model: &PaliGemma,
+    image: &ImageInput,
+    total: usize,
+    seen: &mut usize,
+) -> Result<()> {
+    let which = |seen: usize| match total {
+        1 => String::new(),
+        _ => format!("image {} of {total}: ", seen + 1),
+    };
+    match image {
+        ImageInput::Many(images) => {
+            for one in images {
+                check_image(model, one, total, seen)?;
+            }
+            return Ok(());
+        }
+        ImageInput::Pixels(px) => model.vision_tower().check_pixels(px).map_err(|e| match e {
+            Error::Request(m) => Error::Request(format!("{}{m}", which(*seen))),
+            other => other,
+        })?,
         ImageInput::Features(f) => {
-            let want = [n_img, config.text.hidden_size];
+            let want = [
+                model.config.num_image_tokens(),
+                model.config.text.hidden_size,
+            ];
             if f.tensor.shape() != want {
                 return Err(Error::Request(format!(
-                    "image features of shape {:?}, the model needs {want:?}",
+                    "{}image features of shape {:?}, the model needs {want:?}",
+                    which(*seen),
                     f.tensor.shape()
                 )));
             }
         }
     }
-    Ok((ids, image, options))
+    *seen += 1;
+    Ok(())
+}
+
+/// The image features of a prepared request (see [`prepare`]), `[count · num_image_tokens,
+/// hidden]`: features it brings as they are, pixels through the vision tower (on `acts`,
+/// allocated on first use, at most `layers` encoder layers per submission), and several
+/// images each on its own, their features then copied one after another into one tensor.
+pub(super) fn image_tensor(
+    model: &PaliGemma,
+    image: ImageInput,
+    acts: &mut Option<VisionActivations>,
+    layers: usize,
+) -> Result<Tensor> {
+    let gpu = &**model.gpu();
+    let vision = model.vision_tower();
+    match image {
+        ImageInput::Features(f) => Ok(f.tensor),
+        ImageInput::Pixels(px) => {
+            if acts.is_none() {
+                *acts = Some(vision.activations(gpu)?);
+            }
+            let a = acts.as_ref().expect("allocated above");
+            let features = vision.features(gpu)?;
+            vision.encode_into(gpu, a, &px, &features, layers)?;
+            Ok(features)
+        }
+        ImageInput::Many(images) => {
+            let parts = images
+                .into_iter()
+                .map(|one| image_tensor(model, one, acts, layers))
+                .collect::<Result<Vec<_>>>()?;
+            let (rows, cols) = (parts[0].rows(), parts[0].cols());
+            let all = Tensor::zeros(gpu, "image_features", &[parts.len() * rows, cols])?;
+            let mut rec = Recorder::new(gpu);
+            for (i, part) in parts.iter().enumerate() {
+                copy_rows(&mut rec, part, 0, &all, i * rows, rows)?;
+            }
+            rec.run()?;
+            Ok(all)
+        }
+    }
 }
 
 impl From<ImageFeatures> for ImageInput {

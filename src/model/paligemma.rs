@@ -101,7 +101,14 @@ impl PaliGemma {
 
     /// Prompt ids for a model without a tokenizer: image placeholders, `<bos>`, then `text`.
     pub fn placeholder_prompt(&self, text: &[u32]) -> Vec<u32> {
-        let mut ids = vec![self.config.image_token_index; self.config.num_image_tokens()];
+        self.placeholder_prompt_images(1, text)
+    }
+
+    /// As [`PaliGemma::placeholder_prompt`] for a prompt about `images` images: one block of
+    /// image placeholders per image, then `<bos>` and `text`.
+    pub fn placeholder_prompt_images(&self, images: usize, text: &[u32]) -> Vec<u32> {
+        let n = images * self.config.num_image_tokens();
+        let mut ids = vec![self.config.image_token_index; n];
         ids.push(self.config.bos_token_id);
         ids.extend_from_slice(text);
         ids

@@ -39,6 +39,18 @@ impl PromptProcessor {
     /// The model input ids for `prompt`: image placeholders, `<bos>`, the prompt and `"\n"`.
     /// A prompt that itself contains `<image>` is rejected: the engine adds the image tokens.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.encode_images(prompt, 1)
+    }
+
+    /// As [`PromptProcessor::encode`] for a prompt about `images` images: one block of image
+    /// placeholders per image, one after another, then `<bos>`, the prompt and `"\n"` (HF's
+    /// `PaliGemmaProcessor` with a list of images for one text).
+    pub fn encode_images(&self, prompt: &str, images: usize) -> Result<Vec<u32>> {
+        if images == 0 {
+            return Err(Error::Request(
+                "a PaliGemma prompt is about at least one image; got none".into(),
+            ));
+        }
         let text = self.tokenize(&format!("{prompt}\n"))?;
         if text.contains(&self.image_token) {
             return Err(Error::Request(
@@ -47,7 +59,7 @@ impl PromptProcessor {
                     .into(),
             ));
         }
-        let mut ids = vec![self.image_token; self.num_image_tokens];
+        let mut ids = vec![self.image_token; images * self.num_image_tokens];
         ids.push(self.bos);
         ids.extend(text);
         Ok(ids)
@@ -75,7 +87,8 @@ impl PromptProcessor {
         self.tokenizer.id_to_token(id)
     }
 
-    /// The number of image placeholder tokens a prompt starts with.
+    /// The number of image placeholder tokens of one image (a prompt starts with one such
+    /// block per image).
     pub fn num_image_tokens(&self) -> usize {
         self.num_image_tokens
     }

@@ -1,5 +1,5 @@
-//! The `generate` command's request loops: single requests (several prompts about one image
-//! share its features) and `--batch` files streamed through the scheduler.
+//! The `generate` command's request loops: single requests (several prompts about the same
+//! images share their features) and `--batch` files streamed through the scheduler.
 
 use std::io::Write;
 
@@ -192,13 +192,36 @@ impl BatchJob<'_> {
                 .map(str::to_string)
                 .ok_or_else(|| self.located(index, &format!("needs a string \"{k}\"")))
         };
-        let (image, prompt) = (field("image")?, field("prompt")?);
-        let pixels = model
-            .images
-            .load(std::path::Path::new(&image))
-            .map_err(|e| self.located(index, &e.to_string()))?;
+        let paths: Vec<String> = match v.get("image") {
+            Some(serde_json::Value::Array(list)) if !list.is_empty() => list
+                .iter()
+                .map(|p| p.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    self.located(index, "\"image\" must be a path or a list of paths")
+                })?,
+            Some(serde_json::Value::Array(_)) => {
+                return Err(self.located(index, "\"image\" is an empty list"))
+            }
+            _ => vec![field("image")?],
+        };
+        let prompt = field("prompt")?;
+        let mut images = paths
+            .iter()
+            .map(|path| {
+                model
+                    .images
+                    .load(std::path::Path::new(path))
+                    .map(ImageInput::Pixels)
+                    .map_err(|e| self.located(index, &e.to_string()))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let image = match images.len() {
+            1 => images.remove(0),
+            _ => ImageInput::Many(images),
+        };
         Ok(Request {
-            image: ImageInput::Pixels(pixels),
+            image,
             prompt: Prompt::Text(prompt),
             options: self.options.clone(),
         })

@@ -71,15 +71,18 @@ enum Command {
         /// Checkpoint directory, or org/name in the local Hugging Face cache.
         #[arg(long)]
         model: String,
-        /// Input image; `-` reads it from standard input.
+        /// Input image; `-` reads it from standard input. Repeat it for a prompt about
+        /// several images (as HF's PaliGemmaProcessor takes them; the NLVR2 fine-tunes compare
+        /// two): each is encoded on its own and gets its own block of image tokens, in order.
         #[arg(long, required_unless_present = "batch")]
-        image: Option<PathBuf>,
+        image: Vec<PathBuf>,
         /// The prompt, e.g. "caption en". Repeat it to ask several questions about the same
         /// image: the vision tower runs once and the answers come in order, one per line.
         #[arg(long, required_unless_present = "batch")]
         prompt: Vec<String>,
         /// Run many requests with continuous batching: a JSON-lines file of {"image": PATH,
-        /// "prompt": TEXT} (paths relative to the current directory), read as it is
+        /// "prompt": TEXT} ("image" may be a list of paths for a prompt about several
+        /// images; paths relative to the current directory), read as it is
         /// processed; prints one answer (or, with --json, one JSON object) per line, in
         /// input order. A bad line gives {"error": ...} with --json (a message on stderr and
         /// an empty line otherwise) and the exit code 1 once the whole file is done.
@@ -454,54 +457,76 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
-            let Some(image) = image else {
+            if image.is_empty() {
                 anyhow::bail!("--image and --prompt are required without --batch");
-            };
+            }
             if prompt.len() > 1 && tasks.options().is_some() {
                 anyhow::bail!("--vae, --annotate and --mask-dir work with a single --prompt");
             }
-            let from_stdin = image.as_os_str() == "-";
-            if from_stdin && tasks.options().is_some() {
+            let stdin = |p: &PathBuf| p.as_os_str() == "-";
+            if image.iter().filter(|p| stdin(p)).count() > 1 {
+                anyhow::bail!("`--image -` can be given once: standard input holds one image");
+            }
+            if image.len() > 1 && tasks.options().is_some() {
+                anyhow::bail!(
+                    "--vae, --annotate and --mask-dir draw on one image; they cannot be used \
+                     with {} --image",
+                    image.len()
+                );
+            }
+            if image.iter().any(stdin) && tasks.options().is_some() {
                 anyhow::bail!(
                     "--vae, --annotate and --mask-dir need the image as a file, not `--image -`"
                 );
             }
             let model = load_model(gpu, &dir, &load)?;
             let kind = checkpoint_kind(&model, &dir);
-            let (pixels, size) = if from_stdin {
-                let mut data = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)
-                    .context("reading the image from standard input")?;
-                let size = image::ImageReader::new(std::io::Cursor::new(&data))
-                    .with_guessed_format()
-                    .ok()
-                    .and_then(|r| r.into_dimensions().ok());
-                let pixels = model
-                    .images
-                    .load_bytes(&data, std::path::Path::new("standard input"))?;
-                (pixels, size)
-            } else {
-                (
-                    model.images.load(&image)?,
-                    image::image_dimensions(&image).ok(),
-                )
+            let mut pixels = Vec::with_capacity(image.len());
+            let mut image_warnings = Vec::new();
+            for path in &image {
+                let (px, size) = if stdin(path) {
+                    let mut data = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)
+                        .context("reading the image from standard input")?;
+                    let size = image::ImageReader::new(std::io::Cursor::new(&data))
+                        .with_guessed_format()
+                        .ok()
+                        .and_then(|r| r.into_dimensions().ok());
+                    let px = model
+                        .images
+                        .load_bytes(&data, std::path::Path::new("standard input"))?;
+                    (px, size)
+                } else {
+                    (model.images.load(path)?, image::image_dimensions(path).ok())
+                };
+                if let Some(w) = size.and_then(|(w, h)| kind.image_warning(w, h)) {
+                    image_warnings.push(match image.len() {
+                        1 => w,
+                        _ => format!("{}: {w}", path.display()),
+                    });
+                }
+                pixels.push(px);
+            }
+            // Several prompts share the images' features: the vision tower runs once each.
+            let images: Vec<ImageInput> = match prompt.len() {
+                1 => pixels.into_iter().map(ImageInput::Pixels).collect(),
+                _ => pixels
+                    .iter()
+                    .map(|px| model.image_features(px).map(ImageInput::Features))
+                    .collect::<paligemma::Result<_>>()?,
             };
-            let image_warning = size.and_then(|(w, h)| kind.image_warning(w, h));
-            let shared = match prompt.len() {
-                1 => None,
-                _ => Some(model.image_features(&pixels)?),
+            let input = match images.len() {
+                1 => images[0].clone(),
+                _ => ImageInput::Many(images),
             };
             for prompt in prompt {
-                let mut warnings: Vec<String> = image_warning.iter().cloned().collect();
+                let mut warnings = image_warnings.clone();
                 warnings.extend(kind.prompt_warnings(&prompt, tasks.vae.is_some()));
                 for w in &warnings {
                     eprintln!("warning: {w}");
                 }
                 let request = Request {
-                    image: match &shared {
-                        Some(features) => ImageInput::Features(features.clone()),
-                        None => ImageInput::Pixels(pixels.clone()),
-                    },
+                    image: input.clone(),
                     prompt: Prompt::Text(prompt),
                     options: options.clone(),
                 };
@@ -509,7 +534,8 @@ fn run(cli: Cli) -> Result<()> {
                     kind: &kind,
                     warnings: &warnings,
                 };
-                answer(&model, request, &image, &tasks, json, &about)?;
+                // Detection outputs (refused above with several images) draw on the first.
+                answer(&model, request, &image[0], &tasks, json, &about)?;
             }
         }
         Command::Quantize { model, out } => {

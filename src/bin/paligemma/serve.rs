@@ -771,7 +771,12 @@ fn chat_input(v: &Value) -> Result<(Vec<u8>, String), ApiError> {
                     None => "",
                 };
                 if image.is_some() {
-                    return Err(ApiError::bad("this model takes one image per request"));
+                    return Err(ApiError::bad(
+                        "this server takes one image_url part per request (its boxes are in \
+                         that image's pixels); a prompt about several images runs through \
+                         `paligemma generate` with --image repeated, or the library's \
+                         ImageInput::Many",
+                    ));
                 }
                 image = Some(data_url(url)?);
             }
@@ -1122,7 +1127,9 @@ async fn ollama(s: Arc<Shared>, body: Bytes) -> Result<Response, ApiError> {
         .ok_or_else(|| ApiError::bad("\"images\" must be a list holding one base64 image"))?;
     if images.len() != 1 {
         return Err(ApiError::bad(format!(
-            "this model takes exactly one image, got {}",
+            "this server takes exactly one image per request (its boxes are in that \
+             image's pixels), got {}; a prompt about several images runs through `paligemma \
+             generate` with --image repeated, or the library's ImageInput::Many",
             images.len()
         )));
     }
@@ -1224,6 +1231,17 @@ mod tests {
         assert_eq!(
             (image.as_slice(), prompt.as_str()),
             (&b"hi"[..], "detect cat")
+        );
+        let part = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}});
+        let text = json!({"type": "text", "text": "caption en"});
+        let two = json!({"messages": [{"role": "user", "content": [part, part, text]}]});
+        let e = chat_input(&two).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.contains("one image_url part per request")
+                && e.message.contains("--image repeated"),
+            "{}",
+            e.message
         );
         let no_image = json!({"messages": [{"role": "user", "content": "caption en"}]});
         assert!(chat_input(&no_image)
