@@ -177,6 +177,16 @@ fn vdot(a: Vals, b: Vals) -> f32 {
     return s;
 }
 
+// vdot(deq(q), b) in the same order, dequantising on the way (the packed unit is all that is
+// kept in registers; `qmatvec` holds four of them).
+fn qdot(q: vec4<u32>, b: Vals) -> f32 {
+    if (Q4) {
+        let s = fdot(q4hi(q.y), b.v3, fdot(q4lo(q.y), b.v2, fdot(q4hi(q.x), b.v1, fdot(q4lo(q.x), b.v0, 0.0))));
+        return fdot(q4hi(q.w), b.v7, fdot(q4lo(q.w), b.v6, fdot(q4hi(q.z), b.v5, fdot(q4lo(q.z), b.v4, s))));
+    }
+    return fdot(q8(q.w), b.v3, fdot(q8(q.z), b.v2, fdot(q8(q.y), b.v1, fdot(q8(q.x), b.v0, 0.0))));
+}
+
 // Epilogue for column `col` of this chunk; `acc` is the dot product before the Q8 row scale.
 fn store(row: u32, col: u32, acc: f32) {
     var v = acc;
@@ -271,15 +281,11 @@ fn qmatvec(
         let q1 = w[c1 * p.w_stride4 + j];
         let q2 = w[c2 * p.w_stride4 + j];
         let q3 = w[c3 * p.w_stride4 + j];
-        let h0 = deq(q0);
-        let h1 = deq(q1);
-        let h2 = deq(q2);
-        let h3 = deq(q3);
         let sc = unit_scales(c0, c1, c2, c3, j);
         for (var i = 0u; i < MV; i++) {
             if (i < p.m) {
                 let xu = x_unit((i + p.x_row) * p.x_stride, j * uv);
-                let d = vec4<f32>(vdot(h0, xu), vdot(h1, xu), vdot(h2, xu), vdot(h3, xu));
+                let d = vec4<f32>(qdot(q0, xu), qdot(q1, xu), qdot(q2, xu), qdot(q3, xu));
                 acc[i] = fma(d, sc, acc[i]);
             }
         }
