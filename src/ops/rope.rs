@@ -485,39 +485,15 @@ mod tests {
         let kc = Tensor::zeros(&gpu, "k", &[4, 32]).unwrap();
         let table = RopeTable::new(&gpu, 8, 32, theta).unwrap();
         let mut rec = Recorder::new(&gpu);
-        let err = |r: Result<()>| r.unwrap_err().to_string();
-        let e = err(rope_qkv(
-            &mut rec,
-            &qkv,
-            &q,
-            &kc,
-            &kc,
-            2,
-            at(4, 0, 0, 0, 1, 0),
-            &table,
-        ));
+        let mut fail = |heads, at| {
+            let r = rope_qkv(&mut rec, &qkv, &q, &kc, &kc, heads, at, &table);
+            r.unwrap_err().to_string()
+        };
+        let e = fail(2, at(4, 0, 0, 0, 1, 0));
         assert!(e.contains("rows 0..3 outside q"), "{e}");
-        let e = err(rope_qkv(
-            &mut rec,
-            &qkv,
-            &q,
-            &kc,
-            &kc,
-            2,
-            at(4, 6, 0, 0, 3, 0),
-            &table,
-        ));
+        let e = fail(2, at(4, 6, 0, 0, 3, 0));
         assert!(e.contains("exceed"), "{e}");
-        let e = err(rope_qkv(
-            &mut rec,
-            &qkv,
-            &q,
-            &kc,
-            &kc,
-            1,
-            at(1, 0, 0, 0, 0, 0),
-            &table,
-        ));
+        let e = fail(1, at(1, 0, 0, 0, 0, 0));
         assert!(e.contains("columns"), "{e}");
         assert!(rec.is_empty());
     }

@@ -28,7 +28,7 @@ use paligemma::generate::{
 };
 use paligemma::model::PaliGemma;
 use paligemma::processor::image::decode_image_bytes;
-use paligemma::tasks::{parse_answer, paste_mask, MaskDecoder};
+use paligemma::tasks::{decode_masks, parse_answer, MaskDecoder};
 use paligemma::Error;
 
 /// How the server is set up.
@@ -820,24 +820,20 @@ fn objects(
         .into_iter()
         .filter(|o| o.valid)
         .collect();
-    let codes: Vec<_> = objs.iter().filter_map(|o| o.seg_codes).collect();
-    let mut masks = match (vae, codes.is_empty()) {
-        (Some(vae), false) => vae.decode(&codes)?.into_iter(),
-        _ => Vec::new().into_iter(),
+    let masks = match vae {
+        Some(vae) => decode_masks(vae, &objs, width, height)?,
+        None => vec![None; objs.len()],
     };
     let mut out = Vec::new();
-    for o in &objs {
+    for (o, mask) in objs.iter().zip(masks) {
         let b = o.bbox;
         let mut v = json!({"label": o.label, "box": [b.x_min, b.y_min, b.x_max, b.y_max]});
-        if o.seg_codes.is_some() {
-            if let Some(mask) = masks.next() {
-                let gray = paste_mask(&mask, &b, width, height);
-                let mut png = std::io::Cursor::new(Vec::new());
-                image::DynamicImage::ImageLuma8(gray)
-                    .write_to(&mut png, image::ImageFormat::Png)
-                    .map_err(|e| Error::Request(format!("encoding a mask PNG: {e}")))?;
-                v["mask"] = json!(base64::engine::general_purpose::STANDARD.encode(png.get_ref()));
-            }
+        if let Some(gray) = mask {
+            let mut png = std::io::Cursor::new(Vec::new());
+            image::DynamicImage::ImageLuma8(gray)
+                .write_to(&mut png, image::ImageFormat::Png)
+                .map_err(|e| Error::Request(format!("encoding a mask PNG: {e}")))?;
+            v["mask"] = json!(base64::engine::general_purpose::STANDARD.encode(png.get_ref()));
         }
         out.push(v);
     }
