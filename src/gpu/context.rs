@@ -461,24 +461,17 @@ impl Gpu {
 
     /// Block until all submitted work is done.
     pub fn wait(&self) -> Result<()> {
-        let start = std::time::Instant::now();
-        let done = self
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")));
-        self.submissions.count_wait(start.elapsed(), false);
-        done
+        self.wait_until(None, false)
     }
 
     /// Block until submission `index` is done (later submissions may still run), counted as
-    /// an overlapped wait when `later_queued`.
-    fn wait_for(&self, index: wgpu::SubmissionIndex, later_queued: bool) -> Result<()> {
+    /// an overlapped wait when `later_queued`; `None` waits for all submitted work.
+    fn wait_until(&self, index: Option<wgpu::SubmissionIndex>, later_queued: bool) -> Result<()> {
         let start = std::time::Instant::now();
         let done = self
             .device
             .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
+                submission_index: index,
                 timeout: None,
             })
             .map(|_| ())
@@ -577,7 +570,7 @@ impl Gpu {
         });
         let mapped = match after {
             Some((index, later_queued)) => {
-                self.wait_for(index, later_queued)?;
+                self.wait_until(Some(index), later_queued)?;
                 // The mapping resolves once every submission using the buffer is done; should
                 // a later one still hold it, wait for everything.
                 match rx.try_recv() {

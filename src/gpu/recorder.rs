@@ -195,7 +195,12 @@ struct PlannedOp {
 }
 
 /// A command encoder holding `ops` in one compute pass named `label`.
-fn encode(gpu: &Gpu, label: &str, ops: &[PlannedOp]) -> wgpu::CommandEncoder {
+fn encode(
+    gpu: &Gpu,
+    label: &str,
+    ops: &[PlannedOp],
+    timestamps: Option<&wgpu::QuerySet>,
+) -> wgpu::CommandEncoder {
     let mut encoder = gpu
         .device
         .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
@@ -204,11 +209,17 @@ fn encode(gpu: &Gpu, label: &str, ops: &[PlannedOp]) -> wgpu::CommandEncoder {
             label: Some(label),
             timestamp_writes: None,
         });
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
+            if let Some(set) = timestamps {
+                pass.write_timestamp(set, i as u32);
+            }
             pass.set_pipeline(&op.pipeline);
             pass.set_bind_group(0, &op.bind_group, &[]);
             let [x, y, z] = op.workgroups;
             pass.dispatch_workgroups(x, y, z);
+        }
+        if let Some(set) = timestamps {
+            pass.write_timestamp(set, ops.len() as u32);
         }
     }
     encoder
@@ -249,7 +260,7 @@ impl Plan {
         if gpu.profile.lock().is_ok_and(|p| p.is_some()) {
             return self.submit_profiled(gpu, extra);
         }
-        let mut encoder = encode(gpu, "plan", &self.ops);
+        let mut encoder = encode(gpu, "plan", &self.ops, None);
         extra(&mut encoder);
         gpu.submit(self.ops.len(), [encoder.finish()])
     }
@@ -280,25 +291,7 @@ impl Plan {
         };
         let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
         let readback = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
-        let mut encoder = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("plan"),
-            });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("plan"),
-                timestamp_writes: None,
-            });
-            for (i, op) in self.ops.iter().enumerate() {
-                pass.write_timestamp(&set, i as u32);
-                pass.set_pipeline(&op.pipeline);
-                pass.set_bind_group(0, &op.bind_group, &[]);
-                let [x, y, z] = op.workgroups;
-                pass.dispatch_workgroups(x, y, z);
-            }
-            pass.write_timestamp(&set, count - 1);
-        }
+        let mut encoder = encode(gpu, "plan", &self.ops, Some(&set));
         encoder.resolve_query_set(&set, 0..count, &resolved, 0);
         encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, bytes);
         extra(&mut encoder);
@@ -335,7 +328,7 @@ impl Plan {
             return self.submit_timestamped(gpu, extra);
         }
         for op in &self.ops {
-            let encoder = encode(gpu, op.key.entry, std::slice::from_ref(op));
+            let encoder = encode(gpu, op.key.entry, std::slice::from_ref(op), None);
             let start = std::time::Instant::now();
             gpu.submit(1, [encoder.finish()]);
             // A failed wait shows up in the caller's own wait after the plan.
