@@ -34,6 +34,9 @@
 //   3. thread t owns output dims t, t + 64, t + 128, t + 192 (< head_dim): it rescales its
 //      accumulators and running sums by exp(m - m') and adds Σ_j p_j · v[j, d].
 // Finally out = acc / l. All arithmetic is f32; two barriers per key block.
+//
+// A decode step (fused = 1, below) reads its query, key and value unrotated from the fused
+// projection, so the rotary embedding and the cache write need no launch of their own.
 
 struct Params {
     heads: u32,
@@ -52,13 +55,19 @@ struct Params {
     window: u32,
     softcap: f32,
     q_row0: u32,
+    fused: u32,
+    out_stride: u32,
+    qkv_row: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(2) var<storage, read_write> k: array<f32>;
+@group(0) @binding(3) var<storage, read_write> v: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// Fused decode only: the rotary table (f32 [max_pos, head_dim], cos then sin in each row).
+@group(0) @binding(5) var<storage, read> table: array<f32>;
 
 const WG: u32 = 64u;
 const NQ: u32 = 4u;
@@ -101,6 +110,51 @@ fn cap4(s: vec4<f32>) -> vec4<f32> {
     return s;
 }
 
+// ---- fused decode (fused = 1) ----
+// Binding 1 holds a decoder layer's fused projection row qkv_row (q_stride = its width: the
+// query heads, then the key heads, then the value heads), not rotated yet. The query is at
+// position q_pos0 = the new key's row; kv_len counts the cached keys only (the new key is
+// row kv_len, visible to the query: decode positions are past the prompt). The kernels
+// rotate the query as they load it, walk the cached keys, then add the new key's term from
+// the projection, and the first workgroup of each kv head writes the rotated key and the
+// value into cache row kv_len. Nothing reads that row in the same dispatch.
+
+// Element d of head vector `base` (an offset into binding 1) rotated to position q_pos0.
+fn rotated(base: u32, d: u32) -> f32 {
+    let half = p.head_dim / 2u;
+    let i = select(d, d - half, d >= half);
+    let tb = p.q_pos0 * p.head_dim;
+    let c = table[tb + i];
+    let sn = table[tb + half + i];
+    let x1 = q[base + i];
+    let x2 = q[base + i + half];
+    if (d < half) {
+        return x1 * c - x2 * sn;
+    }
+    return x2 * c + x1 * sn;
+}
+
+// Offsets into binding 1 of the new key and value of kv head kh.
+fn new_key(kh: u32) -> u32 {
+    return p.qkv_row * p.q_stride + p.heads * p.head_dim + kh * p.head_dim;
+}
+
+fn new_value(kh: u32) -> u32 {
+    return new_key(kh) + p.kv_heads * p.head_dim;
+}
+
+// Write the rotated new key and the value of kv head kh into cache row kv_len (dims t, t +
+// step, ...).
+fn write_new_row(kh: u32, t: u32, step: u32) {
+    let dst = p.kv_len * p.kv_stride + kh * p.head_dim;
+    let kb = new_key(kh);
+    let vb = new_value(kh);
+    for (var d = t; d < p.head_dim; d += step) {
+        k[dst + d] = rotated(kb, d);
+        v[dst + d] = q[vb + d];
+    }
+}
+
 @compute @workgroup_size(64, 1, 1)
 fn attention(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -122,27 +176,35 @@ fn attention(
     let hd = p.head_dim;
     let kbase = kh * hd;
 
+    let fused = p.fused == 1u;
     var n_i: array<u32, NQ>;
     var lo_i: array<u32, NQ>;
-    var base: array<u32, NQ>;
+    var base: array<u32, NQ>; // query vector in binding 1
+    var obase: array<u32, NQ>; // output vector
     for (var i = 0u; i < NQ; i++) {
         let f = first + i;
         n_i[i] = 0u;
         lo_i[i] = 0u;
         base[i] = 0u;
+        obase[i] = 0u;
         if (f < items) {
             let row = f / p.group;
             let head = kh * p.group + f % p.group;
-            n_i[i] = keys_for(row);
+            n_i[i] = keys_for(row); // fused: the cached keys' bound (the new key is extra)
             lo_i[i] = first_key(row);
-            base[i] = (p.q_row0 + row) * p.q_stride + head * hd;
+            base[i] = select((p.q_row0 + row) * p.q_stride, p.qkv_row * p.q_stride, fused) + head * hd;
+            obase[i] = (p.q_row0 + row) * p.out_stride + head * hd;
         }
     }
     for (var i = 0u; i < NQ; i++) {
         for (var d = t; d < hd; d += WG) {
             var x = 0.0;
             if (n_i[i] > 0u) {
-                x = q[base[i] + d] * p.scale;
+                if (fused) {
+                    x = rotated(base[i], d) * p.scale;
+                } else {
+                    x = q[base[i] + d] * p.scale;
+                }
             }
             qs[i * MAXD + d] = x;
         }
@@ -226,13 +288,64 @@ fn attention(
         }
     }
 
+    if (fused) {
+        // The new key: its scores reduced over the threads' dims, one more online step.
+        let kb = new_key(kh);
+        let vb = new_value(kh);
+        var kd: array<f32, DSLOTS>;
+        var part: array<f32, NQ>;
+        for (var i = 0u; i < NQ; i++) {
+            part[i] = 0.0;
+        }
+        for (var e = 0u; e < DSLOTS; e++) {
+            let d = t + e * WG;
+            kd[e] = 0.0;
+            if (d < hd) {
+                kd[e] = rotated(kb, d);
+                for (var i = 0u; i < NQ; i++) {
+                    part[i] = fma(qs[i * MAXD + d], kd[e], part[i]);
+                }
+            }
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < NQ; i++) {
+            ss[i * WG + t] = part[i];
+        }
+        workgroupBarrier();
+        for (var st = WG / 2u; st > 0u; st >>= 1u) {
+            if (t < st) {
+                for (var i = 0u; i < NQ; i++) {
+                    ss[i * WG + t] += ss[i * WG + t + st];
+                }
+            }
+            workgroupBarrier();
+        }
+        for (var i = 0u; i < NQ; i++) {
+            let sc = cap(ss[i * WG]);
+            let mn = max(m[i], sc);
+            let alpha = exp(m[i] - mn);
+            let pr = exp(sc - mn);
+            m[i] = mn;
+            l[i] = l[i] * alpha + pr;
+            for (var e = 0u; e < DSLOTS; e++) {
+                let d = t + e * WG;
+                if (d < hd) {
+                    acc[i][e] = fma(pr, q[vb + d], acc[i][e] * alpha);
+                }
+            }
+        }
+        if (w % p.chunks == 0u) {
+            write_new_row(kh, t, WG);
+        }
+    }
+
     for (var i = 0u; i < NQ; i++) {
         if (n_i[i] > 0u) {
             let inv = 1.0 / l[i];
             for (var e = 0u; e < DSLOTS; e++) {
                 let d = t + e * WG;
                 if (d < hd) {
-                    out[base[i] + d] = acc[i][e] * inv;
+                    out[obase[i] + d] = acc[i][e] * inv;
                 }
             }
         }
@@ -275,20 +388,28 @@ fn attention_lanes(
     if (first + t >= items) {
         return; // no barriers below: lanes may leave
     }
+    let fused = p.fused == 1u;
     var n: vec4<u32>;
     var lo: vec4<u32>;
-    var base: vec4<u32>;
+    var base: vec4<u32>; // query vectors in binding 1
+    var obase: vec4<u32>; // output vectors
     for (var i = 0u; i < 4u; i++) {
         let f = min(first + t + i * LT, items - 1u);
         let row = f / p.group;
-        n[i] = keys_for(row);
+        let head = (kh * p.group + f % p.group) * hd;
+        n[i] = keys_for(row); // fused: the cached keys' bound (the new key is extra)
         lo[i] = first_key(row);
-        base[i] = (p.q_row0 + row) * p.q_stride + (kh * p.group + f % p.group) * hd;
+        base[i] = select((p.q_row0 + row) * p.q_stride, p.qkv_row * p.q_stride, fused) + head;
+        obase[i] = (p.q_row0 + row) * p.out_stride + head;
     }
     var qv: array<vec4<f32>, MAXD>;
     var acc: array<vec4<f32>, MAXD>;
     for (var d = 0u; d < hd; d++) {
-        qv[d] = vec4<f32>(q[base.x + d], q[base.y + d], q[base.z + d], q[base.w + d]) * p.scale;
+        if (fused) {
+            qv[d] = vec4<f32>(rotated(base.x, d), rotated(base.y, d), rotated(base.z, d), rotated(base.w, d)) * p.scale;
+        } else {
+            qv[d] = vec4<f32>(q[base.x + d], q[base.y + d], q[base.z + d], q[base.w + d]) * p.scale;
+        }
         acc[d] = vec4<f32>(0.0);
     }
     var m = vec4<f32>(NEG);
@@ -354,11 +475,31 @@ fn attention_lanes(
             }
         }
     }
+    if (fused) {
+        // The new key (lane-uniform loads), one more online-softmax step.
+        let kb = new_key(kh);
+        let vb = new_value(kh);
+        var sn = vec4<f32>(0.0);
+        for (var d = 0u; d < hd; d++) {
+            sn = fma(qv[d], vec4<f32>(rotated(kb, d)), sn);
+        }
+        sn = cap4(sn);
+        let mn = max(m, sn);
+        let alpha = exp(m - mn);
+        let pr = exp(sn - mn);
+        l = l * alpha + pr;
+        for (var d = 0u; d < hd; d++) {
+            acc[d] = fma(pr, vec4<f32>(q[vb + d]), acc[d] * alpha);
+        }
+        if (t == 0u && w % p.chunks == 0u) {
+            write_new_row(kh, 0u, 1u);
+        }
+    }
     let inv = 1.0 / l;
     for (var i = 0u; i < 4u; i++) {
         if (first + t + i * LT < items) {
             for (var d = 0u; d < hd; d++) {
-                out[base[i] + d] = acc[d][i] * inv[i];
+                out[obase[i] + d] = acc[d][i] * inv[i];
             }
         }
     }

@@ -15,6 +15,12 @@
 // `matmul`: 32x32 output tile per 8x8 workgroup, 4x4 outputs per thread, k in steps of 32.
 // `matvec`: for a few rows of x (decode, up to 4); 64 threads split k, 4 output columns per
 // workgroup for every row of x, so each weight is read once per launch.
+// The matrix-vector kernels (`matvec`, `matvec_lanes` and their `_glu` forms) also fuse what
+// surrounds a decoder's projections: with norm = 1 each workgroup computes the RMS of its x
+// rows itself and reads x as norm.wgsl's rms_norm would write it (x · inv · (1 + nw[k]),
+// binding 5), so no normed copy of x is written; the `_glu` entries read two weight chunks
+// laid out alike (binding 2: gate, binding 6: up) and store gelu_tanh(x · gate) · (x · up),
+// the gated MLP input, in one launch instead of two.
 //
 // CPU adapters (lavapipe) run a workgroup on one CPU thread, its invocations as SIMD lanes,
 // and pay per load instruction: a load whose address differs between lanes is a loop over the
@@ -46,6 +52,10 @@ struct Params {
     x_row: u32,
     epilogue: u32,
     interleaved: u32,
+    norm: u32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -55,6 +65,11 @@ struct Params {
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// The matrix-vector kernels only: the RMSNorm weight applied to x on the way in (norm = 1),
+// and the second weight chunk of the GLU kernels (rows laid out as binding 2's).
+@group(0) @binding(5) var<storage, read> nw: array<f32>;
+@group(0) @binding(5) var<storage, read> nw4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> w2: array<vec4<u32>>;
 
 // Unit j of weight row `row` of this chunk is w[wrow(row) + j * wstep(row)], row-major or
 // lane-interleaved (include/lanes.wgsl).
@@ -73,13 +88,19 @@ fn gelu_tanh(v: f32) -> f32 {
 
 fn store(row: u32, col: u32, acc: f32) {
     var v = acc;
-    let mode = (p.epilogue >> 2u) & 3u;
     if ((p.epilogue & 1u) != 0u) {
         v += bias[p.bias_off + col];
     }
     if ((p.epilogue & 2u) != 0u) {
         v = gelu_tanh(v);
     }
+    put(row, col, v);
+}
+
+// Combine the finished value of column `col` of row `row` with out (mode in bits 2-3).
+fn put(row: u32, col: u32, value: f32) {
+    var v = value;
+    let mode = (p.epilogue >> 2u) & 3u;
     let i = (row + p.out_row) * p.out_stride + p.out_col + col;
     if (mode == 1u) {
         v += out[i];
@@ -172,8 +193,9 @@ const WG: u32 = 64u;
 const MV: u32 = 4u;
 var<workgroup> red: array<f32, 1024>; // [MV][RV][WG]
 
-// The 8 values of x row `row` (of this launch) at k = 8 j .. 8 j + 8, zeros from k on.
-fn x8(row: u32, j: u32) -> array<f32, 8> {
+// The 8 values of x row `row` (of this launch) at k = 8 j .. 8 j + 8, zeros from k on; with
+// norm = 1 normalised on the way as norm.wgsl's rms_norm, `inv` the row's 1 / RMS.
+fn x8(row: u32, j: u32, inv: f32) -> array<f32, 8> {
     let xb = (row + p.x_row) * p.x_stride + j * 8u;
     var xv: array<f32, 8>;
     if (j * 8u + 8u <= p.k) {
@@ -188,6 +210,11 @@ fn x8(row: u32, j: u32) -> array<f32, 8> {
             }
         }
     }
+    if (p.norm == 1u) {
+        for (var e = 0u; e < 8u; e++) {
+            xv[e] = xv[e] * inv * (1.0 + nw[min(j * 8u + e, p.k - 1u)]);
+        }
+    }
     return xv;
 }
 
@@ -199,23 +226,63 @@ fn dot8(a: array<f32, 8>, b: array<f32, 8>) -> f32 {
     return s;
 }
 
+// 1 / RMS of each of the m <= MV rows of x (norm = 1; ones otherwise): strided partial sums
+// of squares, then a tree reduction in `red`. Called in uniform control flow.
+fn inv_rms(t: u32) -> array<f32, MV> {
+    var inv: array<f32, MV>;
+    for (var i = 0u; i < MV; i++) {
+        inv[i] = 1.0;
+    }
+    if (p.norm != 1u) {
+        return inv;
+    }
+    for (var i = 0u; i < MV; i++) {
+        var s = 0.0;
+        if (i < p.m) {
+            let xb = (i + p.x_row) * p.x_stride;
+            for (var k = t; k < p.k; k += WG) {
+                let v = x[xb + k];
+                s += v * v;
+            }
+        }
+        red[i * WG + t] = s;
+    }
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (t < s) {
+            for (var i = 0u; i < MV; i++) {
+                red[i * WG + t] += red[i * WG + t + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < MV; i++) {
+        inv[i] = 1.0 / sqrt(red[i * WG] / f32(p.k) + p.eps);
+    }
+    workgroupBarrier(); // `red` is reused below
+    return inv;
+}
+
 // RV output columns for all m <= MV rows of x: each weight unit is loaded once for every row
 // (a batched decode step reads the weights once), the RV row loads of a step are issued
 // before their FMAs, and the last workgroup's missing rows are clamped to the last row
-// instead of branched around (their results are not stored).
-@compute @workgroup_size(64, 1, 1)
-fn matvec(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) t: u32,
-) {
-    let n0 = (wid.x + wid.y * nwg.x) * RV;
+// instead of branched around (their results are not stored). With `glu` (the compiler folds
+// it), the workgroup computes 2 columns of gelu_tanh(x · gate) * (x · up): rows n0, n0 + 1 of
+// both chunks (binding 2: gate, binding 6: up, laid out alike).
+fn matvec_body(wid: vec3<u32>, nwg: vec3<u32>, t: u32, glu: bool) {
+    let cols = select(RV, 2u, glu);
+    let n0 = (wid.x + wid.y * nwg.x) * cols;
     let last = p.n - 1u;
-    let b0 = wrow(min(n0, last));
-    let b1 = wrow(min(n0 + 1u, last));
-    let b2 = wrow(min(n0 + 2u, last));
-    let b3 = wrow(min(n0 + 3u, last));
-    let unit_step = wstep(n0); // the RV rows lie in one group
+    var b0 = wrow(min(n0, last));
+    var b1 = wrow(min(n0 + 1u, last));
+    var b2 = wrow(min(n0 + 2u, last));
+    var b3 = wrow(min(n0 + 3u, last));
+    if (glu) {
+        b2 = b0;
+        b3 = b1;
+    }
+    let unit_step = wstep(n0); // the rows lie in one group
+    let inv = inv_rms(t);
     var acc: array<vec4<f32>, 4>;
     for (var i = 0u; i < MV; i++) {
         acc[i] = vec4<f32>(0.0);
@@ -225,15 +292,22 @@ fn matvec(
         let o = j * unit_step;
         let q0 = w[b0 + o];
         let q1 = w[b1 + o];
-        let q2 = w[b2 + o];
-        let q3 = w[b3 + o];
+        var q2: vec4<u32>;
+        var q3: vec4<u32>;
+        if (glu) {
+            q2 = w2[b2 + o];
+            q3 = w2[b3 + o];
+        } else {
+            q2 = w[b2 + o];
+            q3 = w[b3 + o];
+        }
         let h0 = unpack8(q0);
         let h1 = unpack8(q1);
         let h2 = unpack8(q2);
         let h3 = unpack8(q3);
         for (var i = 0u; i < MV; i++) {
             if (i < p.m) {
-                let xv = x8(i, j);
+                let xv = x8(i, j, inv[i]);
                 acc[i] += vec4<f32>(dot8(xv, h0), dot8(xv, h1), dot8(xv, h2), dot8(xv, h3));
             }
         }
@@ -254,9 +328,31 @@ fn matvec(
     }
     let i = t / RV;
     let r = t % RV;
-    if (t < MV * RV && i < p.m && n0 + r < p.n) {
-        store(i, n0 + r, red[t * WG]);
+    if (t < MV * RV && i < p.m && r < cols && n0 + r < p.n) {
+        if (glu) {
+            put(i, n0 + r, gelu_tanh(red[t * WG]) * red[(t + 2u) * WG]);
+        } else {
+            store(i, n0 + r, red[t * WG]);
+        }
     }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn matvec(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    matvec_body(wid, nwg, t, false);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn matvec_glu(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    matvec_body(wid, nwg, t, true);
 }
 
 // Weights of 4 columns for one pair of k: `lo` for the even k, `hi` for the odd one. Each
@@ -368,25 +464,58 @@ fn matmul_lanes8(
     matmul_lanes_body(wid, t, 8u);
 }
 
-@compute @workgroup_size(64, 1, 1)
-fn matvec_lanes(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) t: u32,
-) {
-    let g = (wid.x + wid.y * nwg.x) * LANE_GROUP_ROWS; // 8 columns x 64 lanes
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// 1 / RMS of the x row at vec4 xo (norm = 1; 1 otherwise), summed as norm.wgsl's
+// rms_norm_lanes, at lane-uniform addresses.
+fn lanes_inv_rms(xo: u32) -> f32 {
+    if (p.norm != 1u) {
+        return 1.0;
+    }
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < p.k / 4u; j++) {
+        let v = x4[xo + j];
+        s += v * v;
+    }
+    return 1.0 / sqrt(hsum(s) / f32(p.k) + p.eps);
+}
+
+// vec4 i of the x row at vec4 xo, normalised as rms_norm_lanes does when norm = 1.
+fn xn4(xo: u32, i: u32, inv: f32) -> vec4<f32> {
+    let v = x4[xo + i];
+    if (p.norm != 1u) {
+        return v;
+    }
+    return v * inv * (1.0 + nw4[i]);
+}
+
+// One row of x: 8 columns per lane, 512 per workgroup (columns nb + 64 c: c < 4 in `a`, the
+// rest in `b`). With `glu` (folded by the compiler): 4 columns per lane, 256 per workgroup,
+// `a` from the gate chunk (binding 2) and `b` from the same rows of the up chunk (binding 6),
+// stored as gelu_tanh(a) * b.
+fn matvec_lanes_body(wid: vec3<u32>, nwg: vec3<u32>, t: u32, glu: bool) {
+    let g = (wid.x + wid.y * nwg.x) * select(LANE_GROUP_ROWS, LANE_GROUP_ROWS / 2u, glu);
     let nb = g + t;
-    // The eight rows are one group's; interleaved, the group is one contiguous run.
+    // The rows are one group's; interleaved, the group is one contiguous run.
     let w0 = wrow(min(nb, p.n - 1u));
     let w1 = wrow(min(nb + 64u, p.n - 1u));
-    let w2 = wrow(min(nb + 128u, p.n - 1u));
+    let w2r = wrow(min(nb + 128u, p.n - 1u));
     let w3 = wrow(min(nb + 192u, p.n - 1u));
-    let w4 = wrow(min(nb + 256u, p.n - 1u));
-    let w5 = wrow(min(nb + 320u, p.n - 1u));
-    let w6 = wrow(min(nb + 384u, p.n - 1u));
-    let w7 = wrow(min(nb + 448u, p.n - 1u));
+    var w4 = wrow(min(nb + 256u, p.n - 1u));
+    var w5 = wrow(min(nb + 320u, p.n - 1u));
+    var w6 = wrow(min(nb + 384u, p.n - 1u));
+    var w7 = wrow(min(nb + 448u, p.n - 1u));
+    if (glu) {
+        w4 = w0;
+        w5 = w1;
+        w6 = w2r;
+        w7 = w3;
+    }
     let ws = wstep(g);
     let xo = p.x_row * p.x_stride / 4u;
+    let inv = lanes_inv_rms(xo);
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
     let steps = (p.k + 7u) / 8u;
@@ -394,26 +523,63 @@ fn matvec_lanes(
     for (var j = 0u; j < steps; j++) {
         let q0 = w[w0 + o];
         let q1 = w[w1 + o];
-        let q2 = w[w2 + o];
+        let q2 = w[w2r + o];
         let q3 = w[w3 + o];
-        let q4 = w[w4 + o];
-        let q5 = w[w5 + o];
-        let q6 = w[w6 + o];
-        let q7 = w[w7 + o];
+        var q4: vec4<u32>;
+        var q5: vec4<u32>;
+        var q6: vec4<u32>;
+        var q7: vec4<u32>;
+        if (glu) {
+            q4 = w2[w4 + o];
+            q5 = w2[w5 + o];
+            q6 = w2[w6 + o];
+            q7 = w2[w7 + o];
+        } else {
+            q4 = w[w4 + o];
+            q5 = w[w5 + o];
+            q6 = w[w6 + o];
+            q7 = w[w7 + o];
+        }
         o += ws;
-        let v = x4[xo + 2u * j];
+        let v = xn4(xo, 2u * j, inv);
         a = step2(a, v.x, v.y, pair(q0.x, q1.x, q2.x, q3.x));
         a = step2(a, v.z, v.w, pair(q0.y, q1.y, q2.y, q3.y));
         b = step2(b, v.x, v.y, pair(q4.x, q5.x, q6.x, q7.x));
         b = step2(b, v.z, v.w, pair(q4.y, q5.y, q6.y, q7.y));
         if (j * 8u + 8u <= p.k) {
-            let u = x4[xo + 2u * j + 1u];
+            let u = xn4(xo, 2u * j + 1u, inv);
             a = step2(a, u.x, u.y, pair(q0.z, q1.z, q2.z, q3.z));
             a = step2(a, u.z, u.w, pair(q0.w, q1.w, q2.w, q3.w));
             b = step2(b, u.x, u.y, pair(q4.z, q5.z, q6.z, q7.z));
             b = step2(b, u.z, u.w, pair(q4.w, q5.w, q6.w, q7.w));
         }
     }
-    store4(0u, nb, 64u, a);
-    store4(0u, nb + 256u, 64u, b);
+    if (glu) {
+        for (var c = 0u; c < 4u; c++) {
+            if (nb + 64u * c < p.n) {
+                put(0u, nb + 64u * c, gelu_tanh(a[c]) * b[c]);
+            }
+        }
+    } else {
+        store4(0u, nb, 64u, a);
+        store4(0u, nb + 256u, 64u, b);
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn matvec_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    matvec_lanes_body(wid, nwg, t, false);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn matvec_glu_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    matvec_lanes_body(wid, nwg, t, true);
 }

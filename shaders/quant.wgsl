@@ -43,7 +43,10 @@ struct Params {
     bias_off: u32,
     x_row: u32,
     scale_off: u32,
-    _pad: u32,
+    norm: u32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 struct EmbedParams {
@@ -74,6 +77,11 @@ override MODE: u32 = 0u;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// The matrix-vector kernels only: the RMSNorm weight applied to x on the way in (norm = 1),
+// and the up chunk of the GLU kernels (same format, shape and scale offset as binding 2's).
+@group(0) @binding(5) var<storage, read> nw: array<f32>;
+@group(0) @binding(5) var<storage, read> nw4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> w2: array<vec4<u32>>;
 // Embedding gather (binding 2 is the table chunk `w`).
 @group(0) @binding(0) var<uniform> pe: EmbedParams;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
@@ -121,9 +129,32 @@ fn row_scale(off: u32, r: u32) -> f32 {
 
 // Q4 scale of block b of row r (`blocks` a row).
 fn block_scale(off: u32, blocks: u32, r: u32, b: u32) -> f32 {
-    let i = r * blocks + b;
-    let h = unpack2x16float(word(off + (i >> 1u)));
+    return half_at(word(off + ((r * blocks + b) >> 1u)), r * blocks + b);
+}
+
+// The f16 of scale number i held in word u (low half first).
+fn half_at(u: u32, i: u32) -> f32 {
+    let h = unpack2x16float(u);
     return select(h.x, h.y, (i & 1u) == 1u);
+}
+
+// The scales of the up chunk (binding 6) when `up`, else of the weight chunk: only the GLU
+// kernels may call these (any other kernel would have to bind the up chunk).
+fn row_scale_in(up: bool, off: u32, r: u32) -> f32 {
+    if (up) {
+        let i = off + r;
+        return bitcast<f32>(w2[i >> 2u][i & 3u]);
+    }
+    return row_scale(off, r);
+}
+
+fn block_scale_in(up: bool, off: u32, blocks: u32, r: u32, b: u32) -> f32 {
+    if (up) {
+        let i = r * blocks + b;
+        let wi = off + (i >> 1u);
+        return half_at(w2[wi >> 2u][wi & 3u], i);
+    }
+    return block_scale(off, blocks, r, b);
 }
 
 // The values of one unit along k, 4 at a time (Q8 uses v0 .. v3).
@@ -199,6 +230,11 @@ fn store(row: u32, col: u32, acc: f32) {
     if (ACT == 1u) {
         v = gelu_tanh(v);
     }
+    put(row, col, v);
+}
+
+// Combine the finished value of column `col` of row `row` with out (MODE).
+fn put(row: u32, col: u32, v: f32) {
     let i = (row + p.out_row) * p.out_stride + p.out_col + col;
     out[i] = combine(out[i], v);
 }
@@ -219,18 +255,29 @@ fn xv4(xb: u32, k0: u32) -> vec4<f32> {
     return v;
 }
 
-// The x values of the unit starting at k0.
-fn x_unit(xb: u32, k0: u32) -> Vals {
+// xv4 normalised as norm.wgsl's rms_norm when norm = 1 (`inv` the row's 1 / RMS).
+fn xn4(xb: u32, k0: u32, inv: f32) -> vec4<f32> {
+    let v = xv4(xb, k0);
+    if (p.norm != 1u) {
+        return v;
+    }
+    let last = p.k - 1u;
+    let g = vec4<f32>(nw[min(k0, last)], nw[min(k0 + 1u, last)], nw[min(k0 + 2u, last)], nw[min(k0 + 3u, last)]);
+    return v * inv * (1.0 + g);
+}
+
+// The x values of the unit starting at k0 (normalised when norm = 1).
+fn x_unit(xb: u32, k0: u32, inv: f32) -> Vals {
     var v: Vals;
-    v.v0 = xv4(xb, k0);
-    v.v1 = xv4(xb, k0 + 4u);
-    v.v2 = xv4(xb, k0 + 8u);
-    v.v3 = xv4(xb, k0 + 12u);
+    v.v0 = xn4(xb, k0, inv);
+    v.v1 = xn4(xb, k0 + 4u, inv);
+    v.v2 = xn4(xb, k0 + 8u, inv);
+    v.v3 = xn4(xb, k0 + 12u, inv);
     if (Q4) {
-        v.v4 = xv4(xb, k0 + 16u);
-        v.v5 = xv4(xb, k0 + 20u);
-        v.v6 = xv4(xb, k0 + 24u);
-        v.v7 = xv4(xb, k0 + 28u);
+        v.v4 = xn4(xb, k0 + 16u, inv);
+        v.v5 = xn4(xb, k0 + 20u, inv);
+        v.v6 = xn4(xb, k0 + 24u, inv);
+        v.v7 = xn4(xb, k0 + 28u, inv);
     }
     return v;
 }
@@ -240,9 +287,9 @@ const RV: u32 = 4u;
 const MV: u32 = 4u;
 var<workgroup> red: array<f32, 1024>; // [MV][RV][WG]
 
-// Q4: the scales of unit (block) j of rows c0..c3; Q8: ones (its row scale is applied in
-// `store`).
-fn unit_scales(c0: u32, c1: u32, c2: u32, c3: u32, j: u32) -> vec4<f32> {
+// Q4: the scales of unit (block) j of rows c0..c3 (c2, c3 of the up chunk when `glu`); Q8:
+// ones (its row scale is applied in `store`).
+fn unit_scales(c0: u32, c1: u32, c2: u32, c3: u32, j: u32, glu: bool) -> vec4<f32> {
     if (!Q4) {
         return vec4<f32>(1.0);
     }
@@ -251,27 +298,62 @@ fn unit_scales(c0: u32, c1: u32, c2: u32, c3: u32, j: u32) -> vec4<f32> {
     return vec4<f32>(
         block_scale(o, b, c0, j),
         block_scale(o, b, c1, j),
-        block_scale(o, b, c2, j),
-        block_scale(o, b, c3, j),
+        block_scale_in(glu, o, b, c2, j),
+        block_scale_in(glu, o, b, c3, j),
     );
 }
 
+// 1 / RMS of each of the m <= MV rows of x (norm = 1; ones otherwise), as matmul.wgsl's
+// `inv_rms`. Called in uniform control flow.
+fn inv_rms(t: u32) -> array<f32, MV> {
+    var inv: array<f32, MV>;
+    for (var i = 0u; i < MV; i++) {
+        inv[i] = 1.0;
+    }
+    if (p.norm != 1u) {
+        return inv;
+    }
+    for (var i = 0u; i < MV; i++) {
+        var s = 0.0;
+        if (i < p.m) {
+            let xb = (i + p.x_row) * p.x_stride;
+            for (var k = t; k < p.k; k += WG) {
+                let v = x[xb + k];
+                s += v * v;
+            }
+        }
+        red[i * WG + t] = s;
+    }
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (t < s) {
+            for (var i = 0u; i < MV; i++) {
+                red[i * WG + t] += red[i * WG + t + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < MV; i++) {
+        inv[i] = 1.0 / sqrt(red[i * WG] / f32(p.k) + p.eps);
+    }
+    workgroupBarrier(); // `red` is reused below
+    return inv;
+}
+
 // RV output columns for all m <= MV rows of x, each weight unit loaded once for every row,
-// as matmul.wgsl's `matvec`.
-@compute @workgroup_size(64, 1, 1)
-fn qmatvec(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) t: u32,
-) {
-    let n0 = (wid.x + wid.y * nwg.x) * RV;
+// as matmul.wgsl's `matvec`; with `glu`, 2 columns of gelu_tanh(x · gate) * (x · up) (rows
+// n0, n0 + 1 of binding 2 and of binding 6).
+fn qmatvec_body(wid: vec3<u32>, nwg: vec3<u32>, t: u32, glu: bool) {
+    let cols = select(RV, 2u, glu);
+    let n0 = (wid.x + wid.y * nwg.x) * cols;
     let last = p.n - 1u;
     let c0 = min(n0, last);
     let c1 = min(n0 + 1u, last);
-    let c2 = min(n0 + 2u, last);
-    let c3 = min(n0 + 3u, last);
+    let c2 = select(min(n0 + 2u, last), c0, glu);
+    let c3 = select(min(n0 + 3u, last), c1, glu);
     let uv = unit_values();
     let units = (p.k + uv - 1u) / uv;
+    let inv = inv_rms(t);
     var acc: array<vec4<f32>, 4>;
     for (var i = 0u; i < MV; i++) {
         acc[i] = vec4<f32>(0.0);
@@ -279,12 +361,19 @@ fn qmatvec(
     for (var j = t; j < units; j += WG) {
         let q0 = w[c0 * p.w_stride4 + j];
         let q1 = w[c1 * p.w_stride4 + j];
-        let q2 = w[c2 * p.w_stride4 + j];
-        let q3 = w[c3 * p.w_stride4 + j];
-        let sc = unit_scales(c0, c1, c2, c3, j);
+        var q2: vec4<u32>;
+        var q3: vec4<u32>;
+        if (glu) {
+            q2 = w2[c2 * p.w_stride4 + j];
+            q3 = w2[c3 * p.w_stride4 + j];
+        } else {
+            q2 = w[c2 * p.w_stride4 + j];
+            q3 = w[c3 * p.w_stride4 + j];
+        }
+        let sc = unit_scales(c0, c1, c2, c3, j, glu);
         for (var i = 0u; i < MV; i++) {
             if (i < p.m) {
-                let xu = x_unit((i + p.x_row) * p.x_stride, j * uv);
+                let xu = x_unit((i + p.x_row) * p.x_stride, j * uv, inv[i]);
                 let d = vec4<f32>(qdot(q0, xu), qdot(q1, xu), qdot(q2, xu), qdot(q3, xu));
                 acc[i] = fma(d, sc, acc[i]);
             }
@@ -306,9 +395,37 @@ fn qmatvec(
     }
     let i = t / RV;
     let r = t % RV;
-    if (t < MV * RV && i < p.m && n0 + r < p.n) {
-        store(i, n0 + r, red[t * WG]);
+    if (t < MV * RV && i < p.m && r < cols && n0 + r < p.n) {
+        if (glu) {
+            var g = red[t * WG];
+            var u = red[(t + 2u) * WG];
+            if (!Q4) {
+                g *= row_scale(p.scale_off, n0 + r);
+                u *= row_scale_in(true, p.scale_off, n0 + r);
+            }
+            put(i, n0 + r, gelu_tanh(g) * u);
+        } else {
+            store(i, n0 + r, red[t * WG]);
+        }
     }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn qmatvec(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    qmatvec_body(wid, nwg, t, false);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn qmatvec_glu(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    qmatvec_body(wid, nwg, t, true);
 }
 
 const BM: u32 = 32u;
@@ -464,45 +581,130 @@ fn store4(row: u32, col: u32, v: vec4<f32>) {
     }
 }
 
+// Q4 scales of block j of 4 columns of the up chunk (GLU).
+fn scales4_up(c: vec4<u32>, j: u32) -> vec4<f32> {
+    let s = p.scale_off;
+    let b = p.w_stride4;
+    return vec4<f32>(
+        block_scale_in(true, s, b, c.x, j),
+        block_scale_in(true, s, b, c.y, j),
+        block_scale_in(true, s, b, c.z, j),
+        block_scale_in(true, s, b, c.w, j),
+    );
+}
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// 1 / RMS of the x row at vec4 xo (norm = 1; 1 otherwise), as matmul.wgsl's `lanes_inv_rms`.
+fn lanes_inv_rms(xo: u32) -> f32 {
+    if (p.norm != 1u) {
+        return 1.0;
+    }
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < p.k / 4u; j++) {
+        let v = x4[xo + j];
+        s += v * v;
+    }
+    return 1.0 / sqrt(hsum(s) / f32(p.k) + p.eps);
+}
+
+// `xw` of the x row starting at vec4 xo, normalised as rms_norm_lanes does when norm = 1.
+fn xwn(xo: u32, xu: u32, e: u32, xend: u32, inv: f32) -> Xw {
+    var v = xw(xu, e, xend);
+    if (p.norm != 1u) {
+        return v;
+    }
+    if (Q4) {
+        v.a = v.a * inv * (1.0 + nw4[min(xu + 2u * e, xend) - xo]);
+        v.b = v.b * inv * (1.0 + nw4[min(xu + 2u * e + 1u, xend) - xo]);
+    } else {
+        v.a = v.a * inv * (1.0 + nw4[min(xu + e, xend) - xo]);
+    }
+    return v;
+}
+
+// One row of x: 8 columns per lane, 512 per workgroup; with `glu` (folded by the compiler), 4
+// columns per lane, 256 per workgroup, `a` of the gate chunk and `b` of the same rows of the
+// up chunk, stored as gelu_tanh(a) * b.
+fn qmatvec_lanes_body(wid: vec3<u32>, nwg: vec3<u32>, t: u32, glu: bool) {
+    let nb = (wid.x + wid.y * nwg.x) * select(512u, 256u, glu) + t;
+    // Out-of-range columns read a valid one and are not stored.
+    let ca = min(vec4<u32>(nb) + vec4<u32>(0u, 64u, 128u, 192u), vec4<u32>(p.n - 1u));
+    let cb = select(min(vec4<u32>(nb) + vec4<u32>(256u, 320u, 384u, 448u), vec4<u32>(p.n - 1u)), ca, glu);
+    let wa = ca * p.w_stride4;
+    let wb = cb * p.w_stride4;
+    let uv4 = unit_values() / 4u;
+    let xo = p.x_row * p.x_stride / 4u;
+    let xend = xo + p.k / 4u - 1u;
+    let inv = lanes_inv_rms(xo);
+    var acc = Acc8(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var j = 0u; j < p.w_stride4; j++) {
+        let xu = xo + j * uv4;
+        let qa = array<vec4<u32>, 4>(w[wa.x + j], w[wa.y + j], w[wa.z + j], w[wa.w + j]);
+        var qb: array<vec4<u32>, 4>;
+        if (glu) {
+            qb = array<vec4<u32>, 4>(w2[wb.x + j], w2[wb.y + j], w2[wb.z + j], w2[wb.w + j]);
+        } else {
+            qb = array<vec4<u32>, 4>(w[wb.x + j], w[wb.y + j], w[wb.z + j], w[wb.w + j]);
+        }
+        var u = Acc8(vec4<f32>(0.0), vec4<f32>(0.0));
+        u = mv_word(u, vec4<u32>(qa[0].x, qa[1].x, qa[2].x, qa[3].x),
+            vec4<u32>(qb[0].x, qb[1].x, qb[2].x, qb[3].x), xwn(xo, xu, 0u, xend, inv));
+        u = mv_word(u, vec4<u32>(qa[0].y, qa[1].y, qa[2].y, qa[3].y),
+            vec4<u32>(qb[0].y, qb[1].y, qb[2].y, qb[3].y), xwn(xo, xu, 1u, xend, inv));
+        u = mv_word(u, vec4<u32>(qa[0].z, qa[1].z, qa[2].z, qa[3].z),
+            vec4<u32>(qb[0].z, qb[1].z, qb[2].z, qb[3].z), xwn(xo, xu, 2u, xend, inv));
+        u = mv_word(u, vec4<u32>(qa[0].w, qa[1].w, qa[2].w, qa[3].w),
+            vec4<u32>(qb[0].w, qb[1].w, qb[2].w, qb[3].w), xwn(xo, xu, 3u, xend, inv));
+        if (Q4) {
+            acc.a = fma(u.a, scales4(ca, j), acc.a);
+            if (glu) {
+                acc.b = fma(u.b, scales4_up(cb, j), acc.b);
+            } else {
+                acc.b = fma(u.b, scales4(cb, j), acc.b);
+            }
+        } else {
+            acc.a += u.a;
+            acc.b += u.b;
+        }
+    }
+    if (glu) {
+        for (var c = 0u; c < 4u; c++) {
+            let col = nb + 64u * c;
+            if (col < p.n) {
+                var g = acc.a[c];
+                var v = acc.b[c];
+                if (!Q4) {
+                    g *= row_scale(p.scale_off, col);
+                    v *= row_scale_in(true, p.scale_off, col);
+                }
+                put(0u, col, gelu_tanh(g) * v);
+            }
+        }
+    } else {
+        store4(0u, nb, acc.a);
+        store4(0u, nb + 256u, acc.b);
+    }
+}
+
 @compute @workgroup_size(64, 1, 1)
 fn qmatvec_lanes(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
 ) {
-    let nb = (wid.x + wid.y * nwg.x) * 512u + t;
-    // Out-of-range columns read a valid one and are not stored.
-    let ca = min(vec4<u32>(nb) + vec4<u32>(0u, 64u, 128u, 192u), vec4<u32>(p.n - 1u));
-    let cb = min(vec4<u32>(nb) + vec4<u32>(256u, 320u, 384u, 448u), vec4<u32>(p.n - 1u));
-    let wa = ca * p.w_stride4;
-    let wb = cb * p.w_stride4;
-    let uv4 = unit_values() / 4u;
-    let xo = p.x_row * p.x_stride / 4u;
-    let xend = xo + p.k / 4u - 1u;
-    var acc = Acc8(vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var j = 0u; j < p.w_stride4; j++) {
-        let xu = xo + j * uv4;
-        let qa = array<vec4<u32>, 4>(w[wa.x + j], w[wa.y + j], w[wa.z + j], w[wa.w + j]);
-        let qb = array<vec4<u32>, 4>(w[wb.x + j], w[wb.y + j], w[wb.z + j], w[wb.w + j]);
-        var u = Acc8(vec4<f32>(0.0), vec4<f32>(0.0));
-        u = mv_word(u, vec4<u32>(qa[0].x, qa[1].x, qa[2].x, qa[3].x),
-            vec4<u32>(qb[0].x, qb[1].x, qb[2].x, qb[3].x), xw(xu, 0u, xend));
-        u = mv_word(u, vec4<u32>(qa[0].y, qa[1].y, qa[2].y, qa[3].y),
-            vec4<u32>(qb[0].y, qb[1].y, qb[2].y, qb[3].y), xw(xu, 1u, xend));
-        u = mv_word(u, vec4<u32>(qa[0].z, qa[1].z, qa[2].z, qa[3].z),
-            vec4<u32>(qb[0].z, qb[1].z, qb[2].z, qb[3].z), xw(xu, 2u, xend));
-        u = mv_word(u, vec4<u32>(qa[0].w, qa[1].w, qa[2].w, qa[3].w),
-            vec4<u32>(qb[0].w, qb[1].w, qb[2].w, qb[3].w), xw(xu, 3u, xend));
-        if (Q4) {
-            acc.a = fma(u.a, scales4(ca, j), acc.a);
-            acc.b = fma(u.b, scales4(cb, j), acc.b);
-        } else {
-            acc.a += u.a;
-            acc.b += u.b;
-        }
-    }
-    store4(0u, nb, acc.a);
-    store4(0u, nb + 256u, acc.b);
+    qmatvec_lanes_body(wid, nwg, t, false);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn qmatvec_glu_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    qmatvec_lanes_body(wid, nwg, t, true);
 }
 
 // Row accumulators of the 4 x 4 block of a lane: component c is column nb + 64c.

@@ -606,9 +606,9 @@ mod tests {
 
     /// The needs read from the shaders are the kernels' declared sizes: 256-invocation
     /// workgroups (e.g. `@workgroup_size(256, 1, 1)` in rope.wgsl, 8×8 in the tiled matmuls),
-    /// 8 KiB of workgroup memory (the tiled matmuls' two 1024-float tiles), at most five
-    /// storage buffers (`rope_qkv`: rope table, fused projection, queries, key and value
-    /// caches) and one uniform (bindings 0..=5 of one group).
+    /// 8 KiB of workgroup memory (the tiled matmuls' two 1024-float tiles), at most six
+    /// storage buffers (`matvec`: x, weights, bias, out, the fused norm's weight and the GLU's
+    /// second weight) and one uniform (bindings 0..=6 of one group).
     #[test]
     fn limit_needs_come_from_the_shaders() {
         assert_eq!(needed("max_compute_invocations_per_workgroup").0, 256);
@@ -619,11 +619,11 @@ mod tests {
         assert_eq!(bytes, 2 * 1024 * 4);
         assert!(by.contains("matmul"), "{by}");
         let (buffers, by) = needed("max_storage_buffers_per_shader_stage");
-        assert_eq!(buffers, 5);
-        assert!(by.contains("rope_qkv"), "{by}");
+        assert_eq!(buffers, 6);
+        assert!(by.contains("matvec"), "{by}");
         assert_eq!(needed("max_uniform_buffers_per_shader_stage").0, 1);
         assert_eq!(needed("max_bind_groups").0, 1);
-        assert_eq!(needed("max_bindings_per_bind_group").0, 6);
+        assert_eq!(needed("max_bindings_per_bind_group").0, 7);
         assert_eq!(
             needed("max_storage_buffer_binding_size"),
             (1024, "weight chunks".into())
@@ -651,7 +651,7 @@ mod tests {
             err.contains("`max_storage_buffers_per_shader_stage` is 2 on this device"),
             "{err}"
         );
-        assert!(err.contains("rope::rope_qkv needs 5"), "{err}");
+        assert!(err.contains("matvec_glu_lanes needs 6"), "{err}");
         assert!(!err.contains("max_bind_groups"), "{err}");
         let err = check_device(&wgpu::Limits::default(), wgpu::DownlevelFlags::empty())
             .unwrap_err()

@@ -11,6 +11,11 @@
 //!     MLP(h) = (gelu_tanh(h·Wgate) ⊙ h·Wup)·Wdown
 //! logits = RMSNorm(x_last)·(1+w) · Embedᵀ                       (tied LM head, f32)
 //! ```
+//! A decode step fuses what it can into fewer launches: each RMSNorm before a projection
+//! into the matrix-vector kernel that reads its output, the gate and up projections and the
+//! GeGLU into one launch, and the rotary embedding and the cache write into the attention
+//! kernel (five launches a Gemma layer).
+//!
 //! Gemma 2 also scales scores by `query_pre_attn_scalar^-0.5`, soft-caps them
 //! (`50·tanh(s/50)`), restricts generated tokens to a sliding window on alternate layers, and
 //! soft-caps the logits (`30·tanh(l/30)`).
@@ -20,14 +25,14 @@ use std::ops::Range;
 use super::config::TextConfig;
 use super::weights::Checkpoint;
 use crate::gpu::{Gpu, Recorder, Tensor};
-use crate::ops::attention::{attention, AttnOpts};
+use crate::ops::attention::{attention, attention_decode, AttnOpts};
 use crate::ops::elementwise::{add_rows, copy_rows};
 use crate::ops::embed::embed;
-use crate::ops::linear::{linear, LinearOpts};
+use crate::ops::linear::{glu, linear, linear_normed, LinearOpts, RmsNorm};
 use crate::ops::norm::{rms_norm, NormOpts};
 use crate::ops::rope::{rope_qkv, QkvRows, RopeTable};
 use crate::ops::softcap::softcap;
-use crate::ops::{Act, Combine};
+use crate::ops::Combine;
 use crate::{Error, Result};
 
 const PREFIX: &str = "language_model.model.";
@@ -279,16 +284,18 @@ impl DecoderLayer {
             rows: Some(rows - from),
             ..Default::default()
         };
-        let norm = NormOpts {
-            rows: Some(rows),
-            ..Default::default()
-        };
         let out_norm = NormOpts {
             x_row: from,
             out_row: from,
             rows: Some(rows - from),
         };
-        rms_norm(rec, &a.x, self.norms.input(), &a.h, eps, norm)?;
+        let norm = RmsNorm {
+            weight: self.norms.input(),
+            eps,
+        };
+        // A decode row's attention rotates its query and key and fills the cache itself,
+        // reading the projection: all rows must fit in one block for that.
+        let fused = |s: &Span| s.rows == 1 && s.seq.len > 0 && rows <= a.block_rows;
         for r0 in (0..rows).step_by(a.block_rows) {
             let r1 = (r0 + a.block_rows).min(rows);
             let block = LinearOpts {
@@ -296,10 +303,10 @@ impl DecoderLayer {
                 rows: Some(r1 - r0),
                 ..Default::default()
             };
-            linear(rec, &a.h, &self.qkv, None, &a.qkv, block)?;
+            linear_normed(rec, &a.x, norm, &a.h, &self.qkv, &a.qkv, block)?;
             for s in spans {
                 let (lo, hi) = (s.row.max(r0), (s.row + s.rows).min(r1));
-                if lo >= hi {
+                if lo >= hi || fused(s) {
                     continue;
                 }
                 let pos = s.seq.len + lo - s.row;
@@ -327,7 +334,10 @@ impl DecoderLayer {
                 prefix_len: s.seq.prefix_len,
                 ..attn
             };
-            attention(rec, &a.q, kc, vc, &a.attn, &opts)?;
+            match fused(s) {
+                true => attention_decode(rec, &a.qkv, s.row, &s.seq.rope, kc, vc, &a.attn, &opts)?,
+                false => attention(rec, &a.q, kc, vc, &a.attn, &opts)?,
+            }
         }
         match (&self.norms, &a.branch) {
             (LayerNorms::Gemma2 { post_attn, .. }, Some(branch)) => {
@@ -348,33 +358,43 @@ impl DecoderLayer {
     /// `x += MLP(norm(x))` on the rows `rows` of `a`, in blocks of at most `a.block_rows` rows
     /// (Gemma 2 normalises the MLP output before the residual add).
     fn record_mlp(&self, rec: &mut Recorder, eps: f32, a: &Acts, rows: Range<usize>) -> Result<()> {
-        let norm = NormOpts {
-            x_row: rows.start,
-            out_row: rows.start,
-            rows: Some(rows.len()),
+        let norm = RmsNorm {
+            weight: self.norms.pre_mlp(),
+            eps,
         };
-        rms_norm(rec, &a.x, self.norms.pre_mlp(), &a.h, eps, norm)?;
         let (mlp_out, mlp_combine) = match &a.branch {
             Some(branch) => (branch, Combine::Store),
             None => (&a.x, Combine::Add),
         };
         for r0 in rows.clone().step_by(a.block_rows) {
             let n = a.block_rows.min(rows.end - r0);
-            let block = |act, combine, x_row, out_row| LinearOpts {
-                act,
+            let block = |combine, x_row, out_row| LinearOpts {
                 combine,
                 x_row,
                 out_row,
                 rows: Some(n),
+                ..Default::default()
             };
-            let gelu = block(Act::GeluTanh, Combine::Store, r0, 0);
-            linear(rec, &a.h, &self.gate, None, &a.gate, gelu)?;
-            let times = block(Act::None, Combine::Mul, r0, 0);
-            linear(rec, &a.h, &self.up, None, &a.gate, times)?;
-            let down = block(Act::None, mlp_combine, 0, r0);
+            let gated = block(Combine::Store, r0, 0);
+            glu(
+                rec,
+                &a.x,
+                Some(norm),
+                &a.h,
+                &self.gate,
+                &self.up,
+                &a.gate,
+                gated,
+            )?;
+            let down = block(mlp_combine, 0, r0);
             linear(rec, &a.gate, &self.down, None, mlp_out, down)?;
         }
         if let (LayerNorms::Gemma2 { post_mlp, .. }, Some(branch)) = (&self.norms, &a.branch) {
+            let norm = NormOpts {
+                x_row: rows.start,
+                out_row: rows.start,
+                rows: Some(rows.len()),
+            };
             rms_norm(rec, branch, post_mlp, &a.h, eps, norm)?;
             add_rows(rec, &a.x, &a.h, rows.start, rows.len())?;
         }

@@ -10,6 +10,7 @@
 //! `q_pos0` the position, `kv_len = q_pos0 + 1`). Gemma 2 adds a sliding window for queries
 //! past the prefix and a tanh soft-cap on the scores.
 
+use super::rope::RopeTable;
 use super::{check, u32_arg};
 use crate::gpu::{DType, Gpu, KernelKey, Recorder, Tensor};
 use crate::Result;
@@ -120,6 +121,25 @@ struct Params {
     window: u32,
     softcap: f32,
     q_row0: u32,
+    fused: u32,
+    out_stride: u32,
+    qkv_row: u32,
+    pad: u32,
+}
+
+/// Where an attention launch reads its queries.
+#[derive(Debug, Clone, Copy)]
+enum Queries<'a> {
+    /// Rotated queries, f32 `[rows, heads·head_dim]`.
+    Plain(&'a Tensor),
+    /// A decode step's fused projection row (queries, keys, values, not rotated yet): the
+    /// kernel rotates the query and the new key with `table` and writes the new key and
+    /// value into the cache.
+    Fused {
+        qkv: &'a Tensor,
+        row: usize,
+        table: &'a RopeTable,
+    },
 }
 
 /// Record `out[r] = attention(q[r], k[..kv_len], v[..kv_len])` for rows `0..q_rows`.
@@ -135,12 +155,39 @@ pub fn attention(
     opts: &AttnOpts,
 ) -> Result<()> {
     let kernel = Kernel::for_gpu(rec.gpu());
+    attention_with(rec, Queries::Plain(q), k, v, out, opts, kernel)
+}
+
+/// A decode step's attention with RoPE and the cache update fused in (one launch instead of
+/// `rope_qkv` then [`attention`]): the query row is row `qkv_row` of a decoder layer's fused
+/// projection `qkv` (f32 `[.., (heads + 2·kv_heads)·head_dim]`: queries, keys, values, not
+/// rotated), at position `opts.q_pos0 = opts.kv_len - 1`, past the prompt. The kernel rotates
+/// the query and the new key with `table`, attends over the cached keys `0..kv_len - 1` and
+/// the new one, writes the result into row `opts.q_row0` of `out`, and writes the rotated key
+/// and the value into row `kv_len - 1` of `k` and `v`. `opts.q_rows` must be 1.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    rec: &mut Recorder,
+    qkv: &Tensor,
+    qkv_row: usize,
+    table: &RopeTable,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    opts: &AttnOpts,
+) -> Result<()> {
+    let kernel = Kernel::for_gpu(rec.gpu());
+    let q = Queries::Fused {
+        qkv,
+        row: qkv_row,
+        table,
+    };
     attention_with(rec, q, k, v, out, opts, kernel)
 }
 
 fn attention_with(
     rec: &mut Recorder,
-    q: &Tensor,
+    queries: Queries,
     k: &Tensor,
     v: &Tensor,
     out: &Tensor,
@@ -149,6 +196,46 @@ fn attention_with(
 ) -> Result<()> {
     const K: &str = "attention";
     let o = opts;
+    let (q, q_width, table) = match queries {
+        Queries::Plain(q) => (q, o.heads * o.head_dim, q),
+        Queries::Fused { qkv, row, table } => {
+            let width = (o.heads + 2 * o.kv_heads) * o.head_dim;
+            check(o.q_rows == 1 && o.kv_len >= 2, K, || {
+                format!(
+                    "a fused decode step needs one query row and a cached key, got {} rows and kv_len {}",
+                    o.q_rows, o.kv_len
+                )
+            })?;
+            check(
+                o.q_pos0 + 1 == o.kv_len && o.prefix_len <= o.q_pos0,
+                K,
+                || {
+                    format!(
+                        "a fused decode step's query is the new key past the prompt: position {}, kv_len {}, prompt {}",
+                        o.q_pos0, o.kv_len, o.prefix_len
+                    )
+                },
+            )?;
+            check(
+                table.head_dim() == o.head_dim && o.q_pos0 < table.max_pos(),
+                K,
+                || {
+                    format!(
+                        "rope table of head_dim {} for {} positions, needs head_dim {} and position {}",
+                        table.head_dim(),
+                        table.max_pos(),
+                        o.head_dim,
+                        o.q_pos0
+                    )
+                },
+            )?;
+            check(row < qkv.rows(), K, || {
+                format!("projection row {row} outside {}", qkv.name())
+            })?;
+            (qkv, width, table.tensor())
+        }
+    };
+    let fused = matches!(queries, Queries::Fused { .. });
     check(o.heads > 0 && o.kv_heads > 0, K, || {
         format!(
             "heads = {} and kv_heads = {} must be positive",
@@ -175,21 +262,26 @@ fn attention_with(
             format!("{} must be a single-buffer f32 tensor", t.name())
         })?;
     }
-    let q_width = o.heads * o.head_dim;
+    let out_width = o.heads * o.head_dim;
     let kv_width = o.kv_heads * o.head_dim;
-    for (t, want) in [(q, q_width), (out, q_width), (k, kv_width), (v, kv_width)] {
+    for (t, want) in [(q, q_width), (out, out_width), (k, kv_width), (v, kv_width)] {
         check(t.cols() == want, K, || {
             format!(
                 "{} has {} columns, expected {want} ({} heads x head_dim {})",
                 t.name(),
                 t.cols(),
-                if want == q_width { o.heads } else { o.kv_heads },
+                if want == kv_width {
+                    o.kv_heads
+                } else {
+                    o.heads
+                },
                 o.head_dim
             )
         })?;
     }
     check(o.q_rows > 0, K, || "q_rows = 0".into())?;
-    for t in [q, out] {
+    let query_rows: &[&Tensor] = if fused { &[out] } else { &[q, out] };
+    for &t in query_rows {
         check(o.q_row0 + o.q_rows <= t.rows(), K, || {
             format!(
                 "query rows {}..{} but {} has {} rows",
@@ -230,6 +322,15 @@ fn attention_with(
             format!("out {} aliases input {}", out.name(), t.name())
         })?;
     }
+    if fused {
+        check(
+            k.buffer() != q.buffer() && v.buffer() != q.buffer(),
+            K,
+            || format!("the cache aliases the projection {}", q.name()),
+        )?;
+    }
+    // Fused, the kernel walks the cached keys and adds the new one itself.
+    let kv_len = o.kv_len - fused as usize;
     for t in [q, k, v, out] {
         u32_arg(K, t.name(), t.numel())?;
     }
@@ -244,7 +345,7 @@ fn attention_with(
         group: u32_arg(K, "group", group)?,
         q_rows: u32_arg(K, "q_rows", o.q_rows)?,
         q_pos0: u32_arg(K, "q_pos0", o.q_pos0)?,
-        kv_len: u32_arg(K, "kv_len", o.kv_len)?,
+        kv_len: u32_arg(K, "kv_len", kv_len)?,
         prefix_len: u32_arg(K, "prefix_len", o.prefix_len)?,
         q_stride: u32_arg(K, "q stride", q_width)?,
         kv_stride: u32_arg(K, "kv stride", kv_width)?,
@@ -254,10 +355,23 @@ fn attention_with(
         window: u32_arg(K, "window", o.window)?,
         softcap: o.softcap,
         q_row0: u32_arg(K, "q_row0", o.q_row0)?,
+        fused: fused as u32,
+        out_stride: u32_arg(K, "out stride", out_width)?,
+        qkv_row: match queries {
+            Queries::Fused { row, .. } => u32_arg(K, "projection row", row)?,
+            Queries::Plain(_) => 0,
+        },
+        pad: 0,
     };
     let key = KernelKey::new("attention", kernel.entry());
     let grid = rec.grid(count);
-    let buffers = [q.buffer(), k.buffer(), v.buffer(), out.buffer()];
+    let buffers = [
+        q.buffer(),
+        k.buffer(),
+        v.buffer(),
+        out.buffer(),
+        table.buffer(),
+    ];
     rec.dispatch(&key, &params, &buffers, grid)?;
     Ok(())
 }
@@ -371,7 +485,7 @@ mod tests {
                 let nan = vec![f32::NAN; rows * qw];
                 let ot = Tensor::from_f32(&gpu, "out", &[rows, qw], &nan).unwrap();
                 let mut rec = Recorder::new(&gpu);
-                attention_with(&mut rec, &qt, &kt, &vt, &ot, o, kernel).unwrap();
+                attention_with(&mut rec, Queries::Plain(&qt), &kt, &vt, &ot, o, kernel).unwrap();
                 rec.run().unwrap();
                 let got = ot.read(&gpu).unwrap();
                 assert!(
@@ -629,6 +743,182 @@ mod tests {
         case.qk_scale = 6.0;
         case.opts.prefix_len = 10;
         run_case(&case, "large scores causal");
+    }
+
+    /// Rotate the head vectors of one row (`heads` heads of `hd`) to `pos` on the host.
+    fn rotate(x: &[f32], hd: usize, pos: usize, table: &[f32]) -> Vec<f32> {
+        let half = hd / 2;
+        let (c, s) = table[pos * hd..(pos + 1) * hd].split_at(half);
+        let mut out = x.to_vec();
+        for (head, o) in x.chunks(hd).zip(out.chunks_mut(hd)) {
+            for i in 0..half {
+                let (x1, x2) = (head[i], head[i + half]);
+                o[i] = x1 * c[i] - x2 * s[i];
+                o[i + half] = x2 * c[i] + x1 * s[i];
+            }
+        }
+        out
+    }
+
+    /// [`attention_decode`] with both kernels: projection row `row` of `rows` (query, key and
+    /// value heads, not rotated) at position `pos` over `pos` cached keys, against the host's
+    /// rotation, then [`attention_ref`] over the cache plus the new key; the new key and
+    /// value must land in cache row `pos`, the rows after it untouched.
+    fn decode_case(mut o: AttnOpts, rows: usize, row: usize, what: &str) {
+        let gpu = gpu_with_limit(None);
+        let hd = o.head_dim;
+        let (qw, kvw) = (o.heads * hd, o.kv_heads * hd);
+        let width = qw + 2 * kvw;
+        let pos = o.q_pos0;
+        let cap = pos + 3;
+        o.q_rows = 1;
+        o.q_row0 = row;
+        o.kv_len = pos + 1;
+        let qkv = rand_vec(rows * width, 1.0, 41);
+        let mut k = rand_vec(cap * kvw, 1.0, 42);
+        let mut v = rand_vec(cap * kvw, 1.0, 43);
+        k[pos * kvw..].fill(f32::NAN);
+        v[pos * kvw..].fill(f32::NAN);
+        let table = RopeTable::new(&gpu, cap, hd, 10_000.0).unwrap();
+        let host_table = super::super::rope::rope_table_ref(cap, hd, 10_000.0);
+        let r = &qkv[row * width..(row + 1) * width];
+        let q_rot = rotate(&r[..qw], hd, pos, &host_table);
+        let k_new = rotate(&r[qw..qw + kvw], hd, pos, &host_table);
+        let mut k_all = k[..pos * kvw].to_vec();
+        k_all.extend(&k_new);
+        let mut v_all = v[..pos * kvw].to_vec();
+        v_all.extend(&r[qw + kvw..]);
+        let mut q = vec![0.0; rows * qw];
+        q[row * qw..(row + 1) * qw].copy_from_slice(&q_rot);
+        let mut want = vec![f32::NAN; rows * qw];
+        attention_ref(&q, &k_all, &v_all, &mut want, &o);
+        let mine = row * qw..(row + 1) * qw;
+        let qkvt = Tensor::from_f32(&gpu, "qkv", &[rows, width], &qkv).unwrap();
+        for kernel in [Kernel::Workgroup, Kernel::Lanes] {
+            let kt = Tensor::from_f32(&gpu, "k", &[cap, kvw], &k).unwrap();
+            let vt = Tensor::from_f32(&gpu, "v", &[cap, kvw], &v).unwrap();
+            let ot =
+                Tensor::from_f32(&gpu, "out", &[rows, qw], &vec![f32::NAN; rows * qw]).unwrap();
+            let mut rec = Recorder::new(&gpu);
+            let fused = Queries::Fused {
+                qkv: &qkvt,
+                row,
+                table: &table,
+            };
+            attention_with(&mut rec, fused, &kt, &vt, &ot, &o, kernel).unwrap();
+            rec.run().unwrap();
+            let got = ot.read(&gpu).unwrap();
+            let what = format!("{what} ({kernel:?})");
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, x)| mine.contains(&i) || x.is_nan()),
+                "{what}: other rows written"
+            );
+            assert_close(&got[mine.clone()], &want[mine.clone()], 1e-4, &what);
+            let (kc, vc) = (kt.read(&gpu).unwrap(), vt.read(&gpu).unwrap());
+            assert_close(
+                &kc[..(pos + 1) * kvw],
+                &k_all,
+                1e-6,
+                &format!("{what}: keys"),
+            );
+            assert_close(
+                &vc[..(pos + 1) * kvw],
+                &v_all,
+                0.0,
+                &format!("{what}: values"),
+            );
+            assert!(
+                kc[(pos + 1) * kvw..].iter().all(|x| x.is_nan()),
+                "{what}: later rows"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_decode_matches_rope_then_attention() {
+        let base = |heads, kv_heads, head_dim| AttnOpts {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: (head_dim as f32).powf(-0.5),
+            q_rows: 1,
+            q_row0: 0,
+            q_pos0: 0,
+            kv_len: 0,
+            prefix_len: 0,
+            window: 0,
+            softcap: 0.0,
+        };
+        // Gemma-2B's MQA (8 heads of 256 over 1 KV head), 70 keys past a 60-token prompt.
+        let mqa = AttnOpts {
+            q_pos0: 70,
+            prefix_len: 60,
+            ..base(8, 1, 256)
+        };
+        decode_case(mqa, 1, 0, "mqa 8x256");
+        // A batch row of a GQA model with a short head, and one cached key only.
+        let gqa = AttnOpts {
+            q_pos0: 9,
+            prefix_len: 5,
+            ..base(4, 2, 16)
+        };
+        decode_case(gqa, 3, 2, "gqa row 2");
+        decode_case(
+            AttnOpts {
+                q_pos0: 1,
+                prefix_len: 1,
+                ..gqa
+            },
+            1,
+            0,
+            "one cached key",
+        );
+        // Gemma 2: sliding window and soft-cap; the window of 1 leaves the new key alone.
+        let local = AttnOpts {
+            q_pos0: 40,
+            prefix_len: 20,
+            window: 8,
+            softcap: 50.0,
+            ..base(8, 4, 32)
+        };
+        decode_case(local, 2, 1, "window 8, softcap");
+        decode_case(AttnOpts { window: 1, ..local }, 1, 0, "window 1");
+    }
+
+    #[test]
+    fn fused_decode_rejects_prompt_queries() {
+        let gpu = gpu_with_limit(None);
+        let qkv = Tensor::zeros(&gpu, "qkv", &[1, 48]).unwrap();
+        let k = Tensor::zeros(&gpu, "k", &[8, 16]).unwrap();
+        let v = Tensor::zeros(&gpu, "v", &[8, 16]).unwrap();
+        let out = Tensor::zeros(&gpu, "out", &[1, 16]).unwrap();
+        let table = RopeTable::new(&gpu, 8, 16, 10_000.0).unwrap();
+        let o = AttnOpts {
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 16,
+            scale: 0.25,
+            q_rows: 1,
+            q_row0: 0,
+            q_pos0: 3,
+            kv_len: 4,
+            prefix_len: 4,
+            window: 0,
+            softcap: 0.0,
+        };
+        let mut rec = Recorder::new(&gpu);
+        let err = attention_decode(&mut rec, &qkv, 0, &table, &k, &v, &out, &o).unwrap_err();
+        assert!(err.to_string().contains("past the prompt"), "{err}");
+        let o = AttnOpts {
+            prefix_len: 2,
+            kv_len: 9,
+            q_pos0: 8,
+            ..o
+        };
+        let err = attention_decode(&mut rec, &qkv, 0, &table, &k, &v, &out, &o).unwrap_err();
+        assert!(err.to_string().contains("rope table"), "{err}");
     }
 
     #[test]

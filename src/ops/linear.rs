@@ -1,6 +1,7 @@
 //! Linear layers (`shaders/matmul.wgsl`): `out = combine(out, act(x · Wᵀ + b))` with f16
 //! weights split over any number of chunks, f32 activations and accumulation.
 
+use super::norm::{rms_norm, NormOpts};
 use super::{check, u32_arg, Act, Combine, Kernels};
 use crate::gpu::{DType, KernelKey, Recorder, Tensor};
 use crate::Result;
@@ -35,10 +36,206 @@ struct Params {
     x_row: u32,
     epilogue: u32,
     interleaved: u32,
+    norm: u32,
+    eps: f32,
+    pad: [u32; 2],
+}
+
+/// Gemma's RMSNorm `x / √(mean(x²) + eps) · (1 + weight)`, applied to a launch's input rows
+/// inside the matrix-vector kernels (see [`linear_normed`] and [`glu`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNorm<'a> {
+    /// The norm weight, f32 `[k]` (stored as an offset from 1).
+    pub weight: &'a Tensor,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+/// What a matrix-vector launch fuses beyond the plain linear layer: the RMSNorm of its input
+/// and, for a GLU, the second (up) weight whose product gates the first's activation.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Fused<'a> {
+    pub norm: Option<RmsNorm<'a>>,
+    pub up: Option<&'a Tensor>,
+}
+
+impl Fused<'_> {
+    /// The norm flag and epsilon of the kernel parameters.
+    pub(crate) fn norm_params(&self) -> (u32, f32) {
+        self.norm.map_or((0, 0.0), |n| (1, n.eps))
+    }
+
+    /// Bindings 5 and 6 of the matrix-vector kernels: the norm weight and the up chunk `i`
+    /// (stand-ins the kernel does not read when absent).
+    pub(crate) fn buffers<'b>(
+        &'b self,
+        x: &'b Tensor,
+        w: &'b wgpu::Buffer,
+        i: usize,
+    ) -> [&'b wgpu::Buffer; 2] {
+        [
+            self.norm.map_or(x.buffer(), |n| n.weight.buffer()),
+            self.up.map_or(w, |u| &u.chunks()[i].buffer),
+        ]
+    }
 }
 
 /// Rows at or below which the matrix-vector kernel is used instead of the tiled one.
-const MATVEC_MAX_ROWS: usize = 4;
+pub(crate) const MATVEC_MAX_ROWS: usize = 4;
+
+/// Whether a launch of `m` rows runs a matrix-vector kernel of family `kernels` (which can fuse
+/// the input's RMSNorm and a GLU): up to [`MATVEC_MAX_ROWS`] rows on GPUs, one on CPU
+/// adapters.
+pub(crate) fn is_matvec(kernels: Kernels, m: usize) -> bool {
+    match kernels {
+        Kernels::Lanes => m == 1,
+        Kernels::Threads => m <= MATVEC_MAX_ROWS,
+    }
+}
+
+/// Whether `gate` and `up` can be read by one GLU launch: same shape, format, layout and
+/// chunking.
+fn glu_compatible(gate: &Tensor, up: &Tensor) -> bool {
+    gate.shape() == up.shape()
+        && gate.dtype() == up.dtype()
+        && gate.interleaved() == up.interleaved()
+        && gate.row_stride() == up.row_stride()
+        && gate.chunks().len() == up.chunks().len()
+        && gate
+            .chunks()
+            .iter()
+            .zip(up.chunks())
+            .all(|(a, b)| a.rows == b.rows && a.row_start == b.row_start)
+}
+
+/// `out[r] = combine(out[r], act(RMSNorm(x[r]) · Wᵀ))` for the selected rows: one launch of
+/// the matrix-vector kernels with the norm fused where they run (decode steps), otherwise
+/// [`rms_norm`] of those rows into the same rows of `scratch` (f32, `x`'s shape) then
+/// [`linear`]. Returns whether the norm was fused.
+///
+/// Unfused, the norm writes rows `0..m` of `scratch` (`m` the rows computed), which the
+/// linear layer then reads.
+pub fn linear_normed(
+    rec: &mut Recorder,
+    x: &Tensor,
+    norm: RmsNorm,
+    scratch: &Tensor,
+    w: &Tensor,
+    out: &Tensor,
+    opts: LinearOpts,
+) -> Result<bool> {
+    let kernels = Kernels::choose(rec.gpu(), w.cols());
+    let m = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
+    if is_matvec(kernels, m) {
+        let fused = Fused {
+            norm: Some(norm),
+            up: None,
+        };
+        launch(rec, x, w, None, out, opts, kernels, fused)?;
+        return Ok(true);
+    }
+    norm_rows(rec, x, norm, scratch, opts.x_row, m)?;
+    let normed = LinearOpts { x_row: 0, ..opts };
+    linear(rec, scratch, w, None, out, normed)?;
+    Ok(false)
+}
+
+/// The gated MLP input `out[r] = combine(out[r], gelu_tanh(h · Gateᵀ) ⊙ (h · Upᵀ))` with
+/// `h = RMSNorm(x[r])` (or `x[r]` without a norm): one matrix-vector launch reading both
+/// weights where those kernels run and `gate` and `up` are laid out alike, otherwise the norm
+/// into `scratch` (as [`linear_normed`]), the gate product with its GELU stored into `out`
+/// and the up product multiplied into it (so `combine` must be [`Combine::Store`] there;
+/// the norm writes rows `0..m` of `scratch`).
+/// Returns whether it took one launch.
+#[allow(clippy::too_many_arguments)]
+pub fn glu(
+    rec: &mut Recorder,
+    x: &Tensor,
+    norm: Option<RmsNorm>,
+    scratch: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    out: &Tensor,
+    opts: LinearOpts,
+) -> Result<bool> {
+    const K: &str = "glu";
+    check(glu_compatible(gate, up), K, || {
+        format!(
+            "{} and {} differ in shape or format",
+            gate.name(),
+            up.name()
+        )
+    })?;
+    check(opts.act == Act::None, K, || {
+        "the GELU is the GLU's own; no activation may be given".into()
+    })?;
+    let kernels = Kernels::choose(rec.gpu(), gate.cols());
+    let m = opts.rows.unwrap_or(x.rows().saturating_sub(opts.x_row));
+    if is_matvec(kernels, m) {
+        let fused = Fused { norm, up: Some(up) };
+        launch(rec, x, gate, None, out, opts, kernels, fused)?;
+        return Ok(true);
+    }
+    check(opts.combine == Combine::Store, K, || {
+        "outside the matrix-vector kernels the GLU can only store its result".into()
+    })?;
+    let (h, x_row) = match norm {
+        Some(n) => {
+            norm_rows(rec, x, n, scratch, opts.x_row, m)?;
+            (scratch, 0)
+        }
+        None => (x, opts.x_row),
+    };
+    let gelu = LinearOpts {
+        act: Act::GeluTanh,
+        x_row,
+        ..opts
+    };
+    linear(rec, h, gate, None, out, gelu)?;
+    let times = LinearOpts {
+        act: Act::None,
+        combine: Combine::Mul,
+        ..gelu
+    };
+    linear(rec, h, up, None, out, times)?;
+    Ok(false)
+}
+
+/// RMSNorm of rows `row..row + rows` of `x` into rows `0..rows` of `out`.
+fn norm_rows(
+    rec: &mut Recorder,
+    x: &Tensor,
+    norm: RmsNorm,
+    out: &Tensor,
+    row: usize,
+    rows: usize,
+) -> Result<()> {
+    let opts = NormOpts {
+        x_row: row,
+        out_row: 0,
+        rows: Some(rows),
+    };
+    rms_norm(rec, x, norm.weight, out, norm.eps, opts)
+}
+
+/// Launch the f16 or quantised kernels.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    opts: LinearOpts,
+    kernels: Kernels,
+    fused: Fused,
+) -> Result<()> {
+    if w.dtype().is_quantized() {
+        super::quant::linear_quantized_fused(rec, x, w, bias, out, opts, kernels, fused)
+    } else {
+        linear_fused(rec, x, w, bias, out, opts, kernels, fused)
+    }
+}
 
 /// Whether a lane-kernel chunk of `rows` weight rows (output columns) goes to the 8-lane
 /// `matmul_lanes8` (32 columns a workgroup) rather than `matmul_lanes` (256): when the wide
@@ -61,14 +258,12 @@ pub fn linear(
     out: &Tensor,
     opts: LinearOpts,
 ) -> Result<()> {
-    if w.dtype().is_quantized() {
-        return super::quant::linear_quantized(rec, x, w, bias, out, opts);
-    }
     let kernels = Kernels::choose(rec.gpu(), w.cols());
-    linear_with(rec, x, w, bias, out, opts, kernels)
+    launch(rec, x, w, bias, out, opts, kernels, Fused::default())
 }
 
 /// [`linear`] with the kernel family chosen by the caller (tests run both on one adapter).
+#[cfg(test)]
 pub(crate) fn linear_with(
     rec: &mut Recorder,
     x: &Tensor,
@@ -78,17 +273,37 @@ pub(crate) fn linear_with(
     opts: LinearOpts,
     kernels: Kernels,
 ) -> Result<()> {
+    linear_fused(rec, x, w, bias, out, opts, kernels, Fused::default())
+}
+
+/// [`linear_with`] with a fused norm or GLU (matrix-vector launches only).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_fused(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    opts: LinearOpts,
+    kernels: Kernels,
+    fused: Fused,
+) -> Result<()> {
     const K: &str = "linear";
     check(w.dtype() == DType::F16, K, || {
         format!("{} must be f16", w.name())
     })?;
     let (n, k, m) = check_args(K, x, w, bias, out, &opts, kernels)?;
+    check_fused(K, w, bias, &opts, kernels, m, &fused)?;
     let epilogue = bias.is_some() as u32 | opts.act.code() << 1 | opts.combine.code() << 2;
-    for chunk in w.chunks() {
+    let (norm, eps) = fused.norm_params();
+    let glu = fused.up.is_some();
+    for (i, chunk) in w.chunks().iter().enumerate() {
         let entry = match (kernels, m) {
+            (Kernels::Lanes, 1) if glu => "matvec_glu_lanes",
             (Kernels::Lanes, 1) => "matvec_lanes",
             (Kernels::Lanes, _) if narrow(chunk.rows) => "matmul_lanes8",
             (Kernels::Lanes, _) => "matmul_lanes",
+            (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS && glu => "matvec_glu",
             (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS => "matvec",
             (Kernels::Threads, _) => "matmul",
         };
@@ -106,17 +321,70 @@ pub(crate) fn linear_with(
             x_row: u32_arg(K, "x row", opts.x_row)?,
             epilogue,
             interleaved: w.interleaved() as u32,
+            norm,
+            eps,
+            pad: [0; 2],
         };
         let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
-        let buffers = [x.buffer(), &chunk.buffer, bias_buf, out.buffer()];
+        let [norm_buf, up_buf] = fused.buffers(x, &chunk.buffer, i);
+        let all = [
+            x.buffer(),
+            &chunk.buffer,
+            bias_buf,
+            out.buffer(),
+            norm_buf,
+            up_buf,
+        ];
+        let buffers = match is_matvec(kernels, m) {
+            true => &all[..],
+            false => &all[..4],
+        };
         let workgroups = match entry {
             "matvec" => rec.grid(chunk.rows.div_ceil(4) as u32),
+            "matvec_glu" => rec.grid(chunk.rows.div_ceil(2) as u32),
             "matvec_lanes" => rec.grid(chunk.rows.div_ceil(512) as u32),
+            "matvec_glu_lanes" => rec.grid(chunk.rows.div_ceil(256) as u32),
             "matmul_lanes" => [chunk.rows.div_ceil(256) as u32, m.div_ceil(4) as u32, 1],
             "matmul_lanes8" => [chunk.rows.div_ceil(32) as u32, m.div_ceil(4) as u32, 1],
             _ => [chunk.rows.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
         };
-        rec.dispatch(&key, &params, &buffers, workgroups)?;
+        rec.dispatch(&key, &params, buffers, workgroups)?;
+    }
+    Ok(())
+}
+
+/// The checks of a fused launch shared by the f16 and quantised launchers: only the
+/// matrix-vector kernels fuse, a GLU has no bias or activation of its own, and the norm
+/// weight is f32 `[k]`.
+pub(crate) fn check_fused(
+    kernel: &str,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &LinearOpts,
+    kernels: Kernels,
+    m: usize,
+    fused: &Fused,
+) -> Result<()> {
+    if fused.norm.is_none() && fused.up.is_none() {
+        return Ok(());
+    }
+    check(is_matvec(kernels, m), kernel, || {
+        format!("a fused norm or GLU needs a matrix-vector launch, not {m} rows on {kernels:?}")
+    })?;
+    if let Some(n) = fused.norm {
+        check(
+            n.weight.numel() == w.cols() && n.weight.dtype() == DType::F32,
+            kernel,
+            || format!("norm weight {} must be f32 [{}]", n.weight.name(), w.cols()),
+        )?;
+    }
+    if let Some(up) = fused.up {
+        check(glu_compatible(w, up), kernel, || {
+            format!("{} and {} differ in shape or format", w.name(), up.name())
+        })?;
+        check(bias.is_none() && opts.act == Act::None, kernel, || {
+            "a GLU launch takes no bias or activation".into()
+        })?;
     }
     Ok(())
 }
@@ -361,6 +629,208 @@ mod tests {
         run_case(Some(32768), 5, 1300, 16, false, Act::None, Combine::Add);
         run_case(Some(8192), 1, 600, 12, true, Act::GeluTanh, Combine::Store);
         run_case(Some(8192), 6, 600, 12, true, Act::None, Combine::Store);
+    }
+
+    /// Weights `[n, k]` in `dtype` (f16 in the given layout, or quantised) and the values the
+    /// kernels see.
+    fn weight(
+        gpu: &crate::gpu::Gpu,
+        dtype: DType,
+        interleave: bool,
+        n: usize,
+        k: usize,
+        w: &[f32],
+    ) -> (Tensor, Vec<f32>) {
+        match dtype {
+            DType::F16 => (
+                Tensor::weight_from_f32_with(gpu, "w", &[n, k], interleave, w).unwrap(),
+                round_f16(w),
+            ),
+            q => {
+                let t = Tensor::weight_quantized(gpu, "w", &[n, k], q, |r, dst| {
+                    dst.copy_from_slice(&w[r * k..(r + 1) * k]);
+                    Ok(())
+                })
+                .unwrap();
+                (t, crate::gpu::quantize::fake_quantize(q, k, w))
+            }
+        }
+    }
+
+    /// Rows `x_row..x_row + m` of an `[x_rows, k]` input through the matrix-vector kernels with
+    /// the input's RMSNorm (`norm`) and a GLU (`glu`: gelu(h · gate) * (h · up)) fused, into the
+    /// last `m` rows of an `[out_rows, n]` output, in f16 (both layouts), Q8 and Q4 and with
+    /// every family that runs `m` rows, against the reference norm and products.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_case(
+        limit: Option<u64>,
+        (x_rows, x_row): (usize, usize),
+        out_rows: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        (norm, glu): (bool, bool),
+        combine: Combine,
+    ) {
+        let gpu = gpu_with_limit(limit);
+        let eps = 1e-6;
+        let x = rand_vec(x_rows * k, 3.0, 21);
+        let nw = rand_vec(k, 0.5, 22);
+        let (g, u) = (rand_vec(n * k, 0.5, 23), rand_vec(n * k, 0.5, 24));
+        let init = rand_vec(out_rows * n, 1.0, 25);
+        let rows = &x[x_row * k..(x_row + m) * k];
+        let h = match norm {
+            true => super::super::norm::rms_norm_ref(rows, &nw, k, eps),
+            false => rows.to_vec(),
+        };
+        let xt = Tensor::from_f32(&gpu, "x", &[x_rows, k], &x).unwrap();
+        let nt = Tensor::from_f32(&gpu, "norm", &[k], &nw).unwrap();
+        let out_row = out_rows - m;
+        let opts = LinearOpts {
+            combine,
+            x_row,
+            out_row,
+            rows: Some(m),
+            ..Default::default()
+        };
+        for (dtype, interleave) in [
+            (DType::F16, false),
+            (DType::F16, true),
+            (DType::Q8, false),
+            (DType::Q4, false),
+        ] {
+            let (gt, gq) = weight(&gpu, dtype, interleave, n, k, &g);
+            let (ut, uq) = weight(&gpu, dtype, interleave, n, k, &u);
+            if limit.is_some() {
+                assert!(gt.chunks().len() > 1, "{dtype:?}: one chunk");
+            }
+            let mut want = init.clone();
+            for r in 0..m {
+                let hr = &h[r * k..(r + 1) * k];
+                let dot = |w: &[f32], c: usize| -> f32 {
+                    hr.iter()
+                        .zip(&w[c * k..(c + 1) * k])
+                        .map(|(a, b)| a * b)
+                        .sum()
+                };
+                for c in 0..n {
+                    let v = match glu {
+                        true => Act::GeluTanh.apply(dot(&gq, c)) * dot(&uq, c),
+                        false => dot(&gq, c),
+                    };
+                    let o = &mut want[(out_row + r) * n + c];
+                    *o = combine.apply(*o, v);
+                }
+            }
+            let families = Kernels::all_for(k).into_iter().filter(|&f| is_matvec(f, m));
+            for family in families {
+                let ot = Tensor::from_f32(&gpu, "out", &[out_rows, n], &init).unwrap();
+                let mut rec = Recorder::new(&gpu);
+                let fused = Fused {
+                    norm: norm.then_some(RmsNorm { weight: &nt, eps }),
+                    up: glu.then_some(&ut),
+                };
+                launch(&mut rec, &xt, &gt, None, &ot, opts, family, fused).unwrap();
+                rec.run().unwrap();
+                let got = ot.read(&gpu).unwrap();
+                let what = format!(
+                    "fused norm={norm} glu={glu} {dtype:?} interleaved={} {family:?} m={m} n={n} k={k} {combine:?}",
+                    gt.interleaved()
+                );
+                assert_close(&got, &want, 2e-4, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn fused_norm_and_glu_match_reference() {
+        let both = (true, true);
+        // Odd widths (k % 8 != 0, k % 4 != 0: threads only), fewer columns than a workgroup
+        // computes, more than 512 (two lane workgroups; 256 a GLU workgroup).
+        fused_case(None, (1, 0), 1, 1, 45, 67, both, Combine::Store);
+        fused_case(None, (1, 0), 1, 1, 7, 36, both, Combine::Add);
+        fused_case(None, (3, 1), 2, 1, 600, 100, both, Combine::Store);
+        fused_case(None, (1, 0), 1, 1, 1100, 36, (true, false), Combine::Add);
+        fused_case(None, (1, 0), 3, 1, 300, 44, (false, true), Combine::Store);
+        // A batch step: up to four rows in the threads kernels, each with its own norm.
+        fused_case(None, (6, 2), 5, 4, 130, 200, both, Combine::Store);
+        fused_case(None, (3, 0), 3, 3, 70, 64, (true, false), Combine::Add);
+        // Weights split over chunks (the GLU reads gate and up chunk by chunk).
+        fused_case(Some(2048), (1, 0), 1, 1, 300, 100, both, Combine::Store);
+        fused_case(
+            Some(2048),
+            (2, 0),
+            2,
+            2,
+            300,
+            100,
+            (true, false),
+            Combine::Store,
+        );
+    }
+
+    /// [`linear_normed`] and [`glu`] outside the matrix-vector kernels (a prompt's rows) take
+    /// the norm, then one or two launches, with the same result as the fused launch.
+    #[test]
+    fn unfused_norm_and_glu_match_fused_rows() {
+        let gpu = gpu_with_limit(None);
+        let (rows, n, k, eps) = (9, 70, 64, 1e-6);
+        let x = rand_vec(rows * k, 3.0, 31);
+        let nw = rand_vec(k, 0.5, 32);
+        let xt = Tensor::from_f32(&gpu, "x", &[rows, k], &x).unwrap();
+        let nt = Tensor::from_f32(&gpu, "norm", &[k], &nw).unwrap();
+        let scratch = Tensor::zeros(&gpu, "h", &[rows, k]).unwrap();
+        let gt = Tensor::weight_from_f32(&gpu, "gate", &[n, k], &rand_vec(n * k, 0.5, 33)).unwrap();
+        let ut = Tensor::weight_from_f32(&gpu, "up", &[n, k], &rand_vec(n * k, 0.5, 34)).unwrap();
+        let norm = RmsNorm { weight: &nt, eps };
+        let run = |glu_launch: bool, x_row: usize, m: usize| -> (bool, Vec<f32>) {
+            let out = Tensor::zeros(&gpu, "out", &[m, n]).unwrap();
+            let opts = LinearOpts {
+                x_row,
+                rows: Some(m),
+                ..Default::default()
+            };
+            let mut rec = Recorder::new(&gpu);
+            let fused = match glu_launch {
+                true => glu(&mut rec, &xt, Some(norm), &scratch, &gt, &ut, &out, opts),
+                false => linear_normed(&mut rec, &xt, norm, &scratch, &gt, &out, opts),
+            }
+            .unwrap();
+            rec.run().unwrap();
+            (fused, out.read(&gpu).unwrap())
+        };
+        for glu_launch in [false, true] {
+            let (fused_all, all) = run(glu_launch, 0, rows);
+            assert!(!fused_all, "9 rows take the tiled kernels");
+            for r in [0, 4, 8] {
+                let (fused_one, one) = run(glu_launch, r, 1);
+                assert!(fused_one, "one row takes the matrix-vector kernel");
+                let what = format!("glu={glu_launch} row {r}");
+                assert_close(&one, &all[r * n..(r + 1) * n], 2e-4, &what);
+            }
+        }
+        let mut rec = Recorder::new(&gpu);
+        let out = Tensor::zeros(&gpu, "out", &[rows, n]).unwrap();
+        let wide =
+            Tensor::weight_from_f32(&gpu, "up", &[n + 1, k], &vec![0.0; (n + 1) * k]).unwrap();
+        let err = glu(
+            &mut rec,
+            &xt,
+            Some(norm),
+            &scratch,
+            &gt,
+            &wide,
+            &out,
+            LinearOpts::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("differ in shape"), "{err}");
+        let add = LinearOpts {
+            combine: Combine::Add,
+            ..Default::default()
+        };
+        let err = glu(&mut rec, &xt, Some(norm), &scratch, &gt, &ut, &out, add).unwrap_err();
+        assert!(err.to_string().contains("can only store"), "{err}");
     }
 
     #[test]

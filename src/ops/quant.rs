@@ -7,7 +7,7 @@
 //! - linear: `out[r] = combine(out[r], act(x[r] · Wᵀ + bias))`, `W = q · s` in f32;
 //! - embed: `out[out_row + i] = combine(out[out_row + i], table[ids[i]] · scale)`.
 
-use super::linear::{check_args, LinearOpts};
+use super::linear::{check_args, check_fused, is_matvec, Fused, LinearOpts, MATVEC_MAX_ROWS};
 use super::Kernels;
 use super::{check, u32_arg, Act, Combine};
 use crate::gpu::quantize::fake_quantize;
@@ -28,7 +28,9 @@ struct Params {
     bias_off: u32,
     x_row: u32,
     scale_off: u32,
-    pad: u32,
+    norm: u32,
+    eps: f32,
+    pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -46,9 +48,6 @@ struct EmbedParams {
     scale_off: u32,
     pad: [u32; 2],
 }
-
-/// Rows at or below which the matrix-vector kernel is used instead of the tiled one.
-const MATVEC_MAX_ROWS: usize = 4;
 
 fn quant_key(shader_entry: &'static str, dtype: DType) -> KernelKey {
     KernelKey::new("quant", shader_entry).with("Q4", (dtype == DType::Q4) as u32)
@@ -79,14 +78,35 @@ pub(crate) fn linear_quantized_with(
     opts: LinearOpts,
     family: Kernels,
 ) -> Result<()> {
+    linear_quantized_fused(rec, x, w, bias, out, opts, family, Fused::default())
+}
+
+/// [`linear_quantized_with`] with a fused norm or GLU (matrix-vector launches only; see
+/// [`crate::ops::linear::glu`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_quantized_fused(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    opts: LinearOpts,
+    family: Kernels,
+    fused: Fused,
+) -> Result<()> {
     const K: &str = "linear (quantised)";
     check(w.dtype().is_quantized(), K, || {
         format!("{} must be Q8 or Q4, is {:?}", w.name(), w.dtype())
     })?;
     let (n, k, m) = check_args(K, x, w, bias, out, &opts, family)?;
+    check_fused(K, w, bias, &opts, family, m, &fused)?;
+    let glu = fused.up.is_some();
+    let (norm, eps) = fused.norm_params();
     let entry = match (family, m) {
+        (Kernels::Lanes, 1) if glu => "qmatvec_glu_lanes",
         (Kernels::Lanes, 1) => "qmatvec_lanes",
         (Kernels::Lanes, _) => "qmatmul_lanes",
+        (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS && glu => "qmatvec_glu",
         (Kernels::Threads, m) if m <= MATVEC_MAX_ROWS => "qmatvec",
         (Kernels::Threads, _) => "qmatmul",
     };
@@ -95,7 +115,7 @@ pub(crate) fn linear_quantized_with(
         .with("ACT", opts.act.code())
         .with("MODE", opts.combine.code());
     let row_bytes = w.row_bytes();
-    for chunk in w.chunks() {
+    for (i, chunk) in w.chunks().iter().enumerate() {
         let params = Params {
             m: u32_arg(K, "rows", m)?,
             n: u32_arg(K, "n", chunk.rows)?,
@@ -108,17 +128,33 @@ pub(crate) fn linear_quantized_with(
             bias_off: u32_arg(K, "bias offset", chunk.row_start)?,
             x_row: u32_arg(K, "x row", opts.x_row)?,
             scale_off: u32_arg(K, "scale offset", chunk.rows * row_bytes / 4)?,
-            pad: 0,
+            norm,
+            eps,
+            pad: [0; 2],
         };
         let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
-        let buffers = [x.buffer(), &chunk.buffer, bias_buf, out.buffer()];
+        let [norm_buf, up_buf] = fused.buffers(x, &chunk.buffer, i);
+        let all = [
+            x.buffer(),
+            &chunk.buffer,
+            bias_buf,
+            out.buffer(),
+            norm_buf,
+            up_buf,
+        ];
+        let buffers = match is_matvec(family, m) {
+            true => &all[..],
+            false => &all[..4],
+        };
         let workgroups = match entry {
             "qmatvec" => rec.grid(chunk.rows.div_ceil(4) as u32),
+            "qmatvec_glu" => rec.grid(chunk.rows.div_ceil(2) as u32),
             "qmatvec_lanes" => rec.grid(chunk.rows.div_ceil(512) as u32),
+            "qmatvec_glu_lanes" => rec.grid(chunk.rows.div_ceil(256) as u32),
             "qmatmul_lanes" => [chunk.rows.div_ceil(256) as u32, m.div_ceil(4) as u32, 1],
             _ => [chunk.rows.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
         };
-        rec.dispatch(&key, &params, &buffers, workgroups)?;
+        rec.dispatch(&key, &params, buffers, workgroups)?;
     }
     Ok(())
 }
