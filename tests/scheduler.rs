@@ -293,6 +293,35 @@ fn layer_dispatches(gpu: &Arc<Gpu>) -> (usize, usize) {
     (vision_layer, rec.len())
 }
 
+/// A decode step of one sequence records five launches a decoder layer (the norms fused into
+/// the matrix-vector kernels, gate/up/GeGLU in one, RoPE and the cache write in attention),
+/// plus the embedding, the final norm and the LM head (one chunk each in tiny-shapes).
+#[test]
+fn a_decode_step_is_five_launches_a_layer() {
+    let gpu = common::gpu(None);
+    let dir = common::shapes_model();
+    let config = PaliGemmaConfig::from_file(&dir.join("config.json")).unwrap();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let text = Gemma::load(&ck, &gpu, &config.text).unwrap();
+    assert_eq!(text.embed.chunks().len(), 1);
+    let ids = [config.bos_token_id, 100, 101];
+    let mut seq = text.sequence(&gpu, ids.len(), 2).unwrap();
+    let mut prefill = text.prefill(&gpu, &seq, &ids).unwrap();
+    let mut rec = Recorder::new(&gpu);
+    let layers = text.num_layers();
+    text.record_prefill(&mut rec, &mut seq, &mut prefill, None, layers)
+        .unwrap();
+    rec.run().unwrap();
+    let batch = text.batch(&gpu, 1).unwrap();
+    let mut rec = Recorder::new(&gpu);
+    text.record_step(&mut rec, &batch, &mut [&mut seq], &[102])
+        .unwrap();
+    assert_eq!(rec.len(), 5 * layers + 3);
+    rec.run().unwrap();
+    let logits = batch.logits().read(&gpu).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
 /// With one layer per submission no submission of the vision tower or the prefill carries
 /// more than one layer's dispatches (plus the few of the embeddings, projector or LM head);
 /// with two, half as many submissions go out.
