@@ -110,11 +110,9 @@ fn glu_compatible(gate: &Tensor, up: &Tensor) -> bool {
 
 /// `out[r] = combine(out[r], act(RMSNorm(x[r]) · Wᵀ))` for the selected rows: one launch of
 /// the matrix-vector kernels with the norm fused where they run (decode steps), otherwise
-/// [`rms_norm`] of those rows into the same rows of `scratch` (f32, `x`'s shape) then
-/// [`linear`]. Returns whether the norm was fused.
-///
-/// Unfused, the norm writes rows `0..m` of `scratch` (`m` the rows computed), which the
-/// linear layer then reads.
+/// [`rms_norm`] of those rows into rows `0..m` of `scratch` (f32, at least `m` rows of `x`'s
+/// width; `m` the rows computed) then [`linear`] from there. Returns whether the norm was
+/// fused.
 pub fn linear_normed(
     rec: &mut Recorder,
     x: &Tensor,
